@@ -1,0 +1,1176 @@
+#!/usr/bin/env python3
+"""sse_server.py - a Server-Sent Events publish/subscribe server in one file.
+
+Standard library only (CPython 3.9+). Drop the file on a host and run it:
+
+    python3 sse_server.py                  # http://127.0.0.1:8000/ serves a demo page
+    python3 sse_server.py --help           # every option and limit
+
+Endpoints
+    GET  /events?topic=a&topic=b   subscribe: a text/event-stream that stays open;
+                                   send Last-Event-ID (or ?lastEventId=) to resume
+    POST /publish?topic=a          publish: form fields (topic, data, event, retry)
+                                   or a raw UTF-8 body become one event
+    GET  /healthz                  "ok"
+    GET  /stats                    JSON counters
+    GET  /<file>                   files under static/ (index.html at /)
+
+Python API
+    server = SSEServer(("127.0.0.1", 0))
+    threading.Thread(target=server.serve_forever).start()
+    event_id, reached = server.broker.publish("news", {"a": 1}, event="update")
+    server.shutdown(); server.server_close()
+
+How it works: ThreadingHTTPServer gives every connection a thread. A
+subscriber's thread registers a Subscriber (topics + a queue) with the Broker,
+then loops: wait on its queue, write what arrived as one chunk, or write a
+heartbeat comment when nothing arrived for a while. Broker.publish formats an
+event once and puts the same bytes into the queue of every subscriber of its
+topics; it never waits for a client. A subscriber whose queue is full is
+dropped, so a slow client can only ever hurt itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hmac
+import http.server
+import io
+import ipaddress
+import json
+import logging
+import mimetypes
+import os
+import queue
+import random
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import urllib.parse
+from http import HTTPStatus
+from typing import Callable, Iterable, NamedTuple, Optional
+
+__all__ = [
+    "SSEServer", "SSERequestHandler", "Broker", "Subscriber", "Published",
+    "HTTPError", "format_event", "format_comment", "format_retry",
+    "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
+    "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
+    "check_publish_access", "main",
+]
+
+__version__ = "1.0"
+
+logger = logging.getLogger("sse_server")
+
+# --- Defaults and limits (each one is a command-line option or documented) ---
+DEFAULT_PORT = 8000
+HEARTBEAT_S = 15.0              # idle time before a ": heartbeat" comment
+RETRY_MS = 3000                 # reconnection delay told to clients at connect
+QUEUE_SIZE = 1000               # events a subscriber may have waiting before it is dropped
+MAX_BODY_BYTES = 64 * 1024      # largest publish body accepted
+HISTORY_SIZE = 1000             # events kept per topic for Last-Event-ID replay
+MAX_TOPICS = 10_000             # topics holding history; least recently published dropped first
+MAX_CLIENTS = 10_000            # concurrent subscribers; beyond it: 503
+WRITE_TIMEOUT_S = 10.0          # a client that accepts no bytes for this long is dropped
+REQUEST_TIMEOUT_S = 5.0         # whole request (line, headers, body) must arrive in this time
+MAX_TOPIC_CHARS = 128
+MAX_TOPICS_PER_REQUEST = 32
+MAX_EVENT_NAME_CHARS = 128
+MAX_QUERY_FIELDS = 100
+RETRY_AFTER_S = 5               # Retry-After sent with 503 when full
+SHUTDOWN_GRACE_S = 1.5          # time streams get to say goodbye before sockets are cut
+SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
+MAX_CHUNK_BYTES = 256 * 1024    # queued frames are joined into chunks up to this size
+THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command line
+
+# Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
+# is kept for patterns, and no '+', which a query string turns into a space).
+TOPIC_PATTERN = re.compile(r"[A-Za-z0-9_.:/@-]+")
+FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
+EVENT_STREAM_CONTENT_TYPE = "text/event-stream; charset=utf-8"
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"
+# The demo page is written to work under this policy: no inline script or style.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+)
+
+
+# --- Errors -------------------------------------------------------------------
+
+class HTTPError(Exception):
+    """An error answered to the client with `status` and a one-line reason."""
+
+    status = HTTPStatus.BAD_REQUEST
+
+    def __init__(self, reason: str, *, status: Optional[HTTPStatus] = None,
+                 headers: Iterable[tuple[str, str]] = ()):
+        super().__init__(reason)
+        self.reason = reason
+        if status is not None:
+            self.status = status
+        self.headers = list(headers)
+
+
+class BadRequest(HTTPError):
+    status = HTTPStatus.BAD_REQUEST
+
+
+class Unauthorized(HTTPError):
+    status = HTTPStatus.UNAUTHORIZED
+
+    def __init__(self, reason: str):
+        super().__init__(reason, headers=[("WWW-Authenticate", "Bearer")])
+
+
+class Forbidden(HTTPError):
+    status = HTTPStatus.FORBIDDEN
+
+
+class NotFound(HTTPError):
+    status = HTTPStatus.NOT_FOUND
+
+
+class MethodNotAllowed(HTTPError):
+    status = HTTPStatus.METHOD_NOT_ALLOWED
+
+    def __init__(self, method: str, allowed: Iterable[str]):
+        allow = ", ".join(allowed)
+        super().__init__(f"method {method} not allowed here; use {allow}",
+                         headers=[("Allow", allow)])
+
+
+class PayloadTooLarge(HTTPError):
+    status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class ServiceUnavailable(HTTPError):
+    status = HTTPStatus.SERVICE_UNAVAILABLE
+
+    def __init__(self, reason: str, retry_after_s: int = RETRY_AFTER_S):
+        super().__init__(reason, headers=[("Retry-After", str(retry_after_s))])
+
+
+# --- Wire format: pure functions, no I/O -----------------------------------------
+
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
+def split_lines(text: str) -> list[str]:
+    """Split on CRLF, CR and LF: the line ends the event-stream parser knows.
+
+    str.splitlines() would also split on \\v, \\f, \\x1c, \\u2028 and others,
+    which a browser keeps inside one line.
+    """
+    return _LINE_BREAK.split(text)
+
+
+def _check_field(name: str, value: str) -> None:
+    if "\r" in value or "\n" in value or "\0" in value:
+        raise ValueError(f"{name} must not contain CR, LF or NUL: {value!r}")
+
+
+def format_event(data: str, *, event: Optional[str] = None, id: Optional[str] = None,
+                 retry: Optional[int] = None) -> bytes:
+    """Encode one event: `id:`, `event:`, `retry:`, one `data:` line per line of
+    data, and the blank line that dispatches it. `event` "message" (the default
+    type) is left out; empty data still gives one `data:` line."""
+    lines = []
+    if id is not None:
+        _check_field("id", id)
+        lines.append(f"id: {id}\n")
+    if event and event != "message":
+        _check_field("event", event)
+        lines.append(f"event: {event}\n")
+    if retry is not None:
+        lines.append(format_retry(retry).decode("ascii"))
+    lines.extend(f"data: {line}\n" for line in split_lines(data))
+    lines.append("\n")
+    return "".join(lines).encode("utf-8")
+
+
+def format_comment(text: str) -> bytes:
+    """Encode a comment (every line starts with ':'). No blank line follows:
+    some clients turn a blank line after a comment into an empty event."""
+    return "".join(f": {line}\n" for line in split_lines(text)).encode("utf-8")
+
+
+def format_retry(milliseconds: int) -> bytes:
+    """A bare `retry:` line; browsers apply it at once, no blank line needed."""
+    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
+        raise ValueError(f"retry must be a non-negative integer, not {milliseconds!r}")
+    return b"retry: %d\n" % milliseconds
+
+
+def encode_chunk(payload: bytes) -> bytes:
+    """One HTTP/1.1 chunk. An empty payload would end the body, so refuse it."""
+    if not payload:
+        raise ValueError("an empty chunk terminates the body; use LAST_CHUNK")
+    return b"%X\r\n%s\r\n" % (len(payload), payload)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+CONNECTED_COMMENT = format_comment("connected")
+HEARTBEAT_COMMENT = format_comment("heartbeat")
+
+
+def format_event_id(run_id: str, seq: int) -> str:
+    return f"{run_id}-{seq}"
+
+
+def parse_event_id(text: Optional[str], run_id: str) -> Optional[int]:
+    """The sequence number in an id of this run ("<run>-<seq>"), else None.
+
+    An id from another run of the server, or garbage, gives None: it is never
+    mistaken for a position in this run."""
+    if not text:
+        return None
+    run, sep, seq = text.rpartition("-")
+    if not sep or run != run_id or not seq.isascii() or not seq.isdigit():
+        return None
+    return int(seq)
+
+
+def validate_topics(names: Iterable[str]) -> list[str]:
+    """Check topic names; returns them without duplicates, in order."""
+    topics = list(dict.fromkeys(names))
+    if not topics:
+        raise BadRequest("missing topic: add ?topic=NAME")
+    if len(topics) > MAX_TOPICS_PER_REQUEST:
+        raise BadRequest(f"too many topics: at most {MAX_TOPICS_PER_REQUEST} per request")
+    for topic in topics:
+        if not topic:
+            raise BadRequest("empty topic name")
+        if len(topic) > MAX_TOPIC_CHARS:
+            raise BadRequest(f"topic name longer than {MAX_TOPIC_CHARS} characters")
+        if not TOPIC_PATTERN.fullmatch(topic):
+            raise BadRequest(f"invalid topic name {topic!r}: use letters, digits and - _ . : / @")
+    return topics
+
+
+_BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+
+
+def parse_query(text: str) -> dict[str, list[str]]:
+    """Parse a query string or form body strictly: bad percent-encoding,
+    invalid UTF-8 or too many fields is a 400, never a silent guess."""
+    if _BAD_PERCENT.search(text):
+        raise BadRequest("invalid percent-encoding")
+    try:
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, encoding="utf-8",
+                                       errors="strict", max_num_fields=MAX_QUERY_FIELDS)
+    except UnicodeDecodeError:
+        raise BadRequest("percent-encoded text is not valid UTF-8") from None
+    except ValueError:
+        raise BadRequest(f"too many fields: at most {MAX_QUERY_FIELDS}") from None
+    fields: dict[str, list[str]] = {}
+    for name, value in pairs:
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+def _single(fields: dict[str, list[str]], name: str) -> Optional[str]:
+    values = fields.get(name, [])
+    if len(values) > 1:
+        raise BadRequest(f"field {name!r} given more than once")
+    return values[0] if values else None
+
+
+class PublishRequest(NamedTuple):
+    topics: list[str]
+    data: str
+    event: Optional[str]
+    retry: Optional[int]
+
+
+def parse_publish(query: str, content_type: Optional[str], body: bytes) -> PublishRequest:
+    """Turn a POST /publish into a PublishRequest.
+
+    A form body (application/x-www-form-urlencoded) carries the fields topic
+    (repeatable), data, event and retry; any other body is the data itself,
+    with topic, event and retry in the query string."""
+    fields = parse_query(query)
+    media_type = (content_type or "").split(";", 1)[0].strip().lower()
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("body is not valid UTF-8") from None
+    if media_type == FORM_CONTENT_TYPE:
+        for name, values in parse_query(text).items():
+            fields.setdefault(name, []).extend(values)
+        data = _single(fields, "data") or ""
+    else:
+        data = text
+    event = _single(fields, "event")
+    if event is not None:
+        if "\r" in event or "\n" in event or "\0" in event:
+            raise BadRequest("event name must not contain CR, LF or NUL")
+        if len(event) > MAX_EVENT_NAME_CHARS:
+            raise BadRequest(f"event name longer than {MAX_EVENT_NAME_CHARS} characters")
+    retry_text = _single(fields, "retry")
+    retry = None
+    if retry_text is not None:
+        if not re.fullmatch(r"[0-9]{1,9}", retry_text):
+            raise BadRequest("retry must be a whole number of milliseconds")
+        retry = int(retry_text)
+    return PublishRequest(validate_topics(fields.get("topic", [])), data, event or None, retry)
+
+
+def resolve_static_path(root: str, url_path: str) -> Optional[str]:
+    """The file under `root` that `url_path` names, or None.
+
+    Refuses anything that could leave the folder: '..' and '.' segments (also
+    percent-encoded), backslashes, NUL, hidden files, and symlinks that point
+    outside. A folder gives its index.html."""
+    try:
+        path = urllib.parse.unquote(url_path, errors="strict")
+    except UnicodeDecodeError:
+        return None
+    if "\0" in path or "\\" in path:
+        return None
+    parts = [part for part in path.split("/") if part]
+    if any(part.startswith(".") for part in parts):
+        return None
+    root = os.path.realpath(root)
+    candidate = os.path.realpath(os.path.join(root, *parts))
+    if os.path.isdir(candidate):
+        candidate = os.path.join(candidate, "index.html")
+    if os.path.commonpath([root, candidate]) != root or not os.path.isfile(candidate):
+        return None
+    return candidate
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def check_publish_access(client_host: str, authorization: Optional[str],
+                         publish_token: Optional[str]) -> None:
+    """With a token: require `Authorization: Bearer <token>`. Without one:
+    only loopback clients may publish, so --host 0.0.0.0 never opens
+    publishing to the network by accident."""
+    if publish_token:
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+                credentials.strip().encode("utf-8"), publish_token.encode("utf-8")):
+            raise Unauthorized("publishing needs Authorization: Bearer <publish token>")
+    elif not is_loopback(client_host):
+        raise Forbidden("publishing is allowed from loopback only; start the server "
+                        "with --publish-token to publish from elsewhere")
+
+
+def encode_data(data: object) -> str:
+    """str as is; bytes as UTF-8; anything else (dict, list, numbers) as JSON."""
+    if isinstance(data, str):
+        return data
+    if isinstance(data, (bytes, bytearray)):
+        return bytes(data).decode("utf-8")
+    return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+# --- Broker: the topic registry ---------------------------------------------------
+
+class StreamEnd(NamedTuple):
+    """Put into a subscriber's queue to end its stream."""
+    reason: str         # SHUTDOWN or DROPPED
+
+
+SHUTDOWN = StreamEnd("shutdown")
+DROPPED = StreamEnd("dropped")
+
+
+class Published(NamedTuple):
+    id: str             # the event's id, "<run>-<seq>"
+    subscribers: int    # how many subscribers it was handed to
+
+
+class Subscriber:
+    """One client: the topics it follows and the queue its thread waits on.
+
+    The queue holds encoded frames (bytes) and, last, maybe a StreamEnd."""
+
+    __slots__ = ("topics", "queue", "on_drop")
+
+    def __init__(self, topics: Iterable[str], on_drop: Optional[Callable[[], None]] = None):
+        self.topics = tuple(topics)
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        # Called (outside the broker lock) when the broker drops this subscriber,
+        # so its thread, maybe blocked writing to a stuck socket, is woken.
+        self.on_drop = on_drop
+
+
+class _Event:
+    __slots__ = ("seq", "frame", "created")
+
+    def __init__(self, seq: int, frame: bytes, created: float):
+        self.seq = seq
+        self.frame = frame
+        self.created = created
+
+
+class _TopicHistory:
+    __slots__ = ("events", "evicted_through")
+
+    def __init__(self):
+        self.events: collections.deque = collections.deque()
+        self.evicted_through = 0    # highest seq of this topic no longer retained
+
+
+class Broker:
+    """Thread-safe topic registry with per-topic history for replay.
+
+    Publishers never wait for subscribers: each subscriber has a queue, and a
+    subscriber with `queue_size` events still waiting is dropped (its client
+    reconnects and catches up from history with Last-Event-ID)."""
+
+    def __init__(self, *, queue_size: int = QUEUE_SIZE, history_size: int = HISTORY_SIZE,
+                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
+                 max_subscribers: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic):
+        self.queue_size = queue_size
+        self.history_size = history_size
+        self.history_ttl_s = history_ttl_s
+        self.max_topics = max_topics
+        self.max_subscribers = max_subscribers
+        self.run_id = secrets.token_hex(4)
+        self._clock = clock
+        self._started = clock()
+        # Locking rule: _lock guards every attribute below. publish() assigns
+        # the id, records history and puts the frame into every subscriber
+        # queue while holding it: that keeps each stream in id order, and makes
+        # subscribe()'s history snapshot + registration atomic, so replay has
+        # no gap and no duplicate. Nothing under the lock can block:
+        # SimpleQueue.put never waits and a full subscriber is dropped.
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._subscribers_by_topic: dict[str, set[Subscriber]] = {}
+        self._subscriber_count = 0
+        self._history: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
+        self._forgotten_through = 0     # highest seq of a topic history dropped by max_topics
+        self._closed = False
+        self.events_published = 0
+        self.events_delivered = 0
+        self.clients_dropped = 0
+        self.subscriptions_total = 0
+
+    # Publishing
+
+    def publish(self, topics, data: object, *, event: Optional[str] = None,
+                retry: Optional[int] = None) -> Published:
+        """Send one event to every subscriber of `topics` (a name or a list).
+
+        Returns (id, subscribers reached). Never blocks on a client."""
+        topic_list = validate_topics([topics] if isinstance(topics, str) else topics)
+        text = encode_data(data)
+        if event is not None:
+            _check_field("event", event)
+        if retry is not None:
+            format_retry(retry)     # validates before an id is spent
+        dropped = []
+        with self._lock:
+            self._seq += 1
+            event_id = format_event_id(self.run_id, self._seq)
+            frame = format_event(text, event=event, id=event_id, retry=retry)
+            self._remember(topic_list, _Event(self._seq, frame, self._clock()))
+            if len(topic_list) == 1:
+                targets = list(self._subscribers_by_topic.get(topic_list[0], ()))
+            else:
+                targets = set()
+                for topic in topic_list:
+                    targets.update(self._subscribers_by_topic.get(topic, ()))
+            for subscriber in targets:
+                if subscriber.queue.qsize() >= self.queue_size:
+                    self._remove_locked(subscriber)
+                    subscriber.queue.put(DROPPED)
+                    dropped.append(subscriber)
+                else:
+                    subscriber.queue.put(frame)
+            reached = len(targets) - len(dropped)
+            self.events_published += 1
+            self.events_delivered += reached
+            self.clients_dropped += len(dropped)
+        for subscriber in dropped:
+            logger.warning("dropped a slow subscriber of %s: %d events waiting",
+                           ",".join(subscriber.topics), self.queue_size)
+            if subscriber.on_drop:
+                subscriber.on_drop()
+        return Published(event_id, reached)
+
+    def _remember(self, topics: list[str], event: _Event) -> None:
+        for topic in topics:
+            history = self._history.get(topic)
+            if history is None:
+                history = self._history[topic] = _TopicHistory()
+                while len(self._history) > self.max_topics:
+                    _, forgotten = self._history.popitem(last=False)
+                    newest = forgotten.events[-1].seq if forgotten.events else 0
+                    self._forgotten_through = max(self._forgotten_through,
+                                                  forgotten.evicted_through, newest)
+            else:
+                self._history.move_to_end(topic)
+            history.events.append(event)
+            if len(history.events) > self.history_size:
+                history.evicted_through = history.events.popleft().seq
+            self._expire(history)
+
+    def _expire(self, history: _TopicHistory) -> None:
+        if self.history_ttl_s is None:
+            return
+        cutoff = self._clock() - self.history_ttl_s
+        while history.events and history.events[0].created < cutoff:
+            history.evicted_through = history.events.popleft().seq
+
+    # Subscribing
+
+    def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
+                  on_drop: Optional[Callable[[], None]] = None) -> tuple[Subscriber, list[bytes]]:
+        """Register a subscriber. Returns it and the frames to replay first.
+
+        With `last_event_id`, the replay holds every retained event of these
+        topics after that id, oldest first; if events may have been missed
+        (foreign id, or history no longer reaching back that far) it starts
+        with a `reset` event that says why."""
+        subscriber = Subscriber(validate_topics(topics), on_drop)
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("server is shutting down")
+            if self._subscriber_count >= self.max_subscribers:
+                raise ServiceUnavailable(
+                    f"too many subscribers (limit {self.max_subscribers}); try again later")
+            replay = self._replay_locked(subscriber.topics, last_event_id) if last_event_id else []
+            for topic in subscriber.topics:
+                self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
+            self._subscriber_count += 1
+            self.subscriptions_total += 1
+        return subscriber, replay
+
+    def _replay_locked(self, topics: tuple[str, ...], last_event_id: str) -> list[bytes]:
+        after = parse_event_id(last_event_id, self.run_id)
+        reason = None
+        if after is None or after > self._seq:
+            reason, after = "unknown-id", 0
+        events: dict[int, _Event] = {}
+        for topic in topics:
+            history = self._history.get(topic)
+            if history is not None:
+                self._expire(history)
+            evicted_through = history.evicted_through if history else self._forgotten_through
+            if reason is None and evicted_through > after:
+                reason = "history-exceeded"
+            for event in reversed(history.events if history else ()):
+                if event.seq <= after:
+                    break
+                events[event.seq] = event
+        frames = [events[seq].frame for seq in sorted(events)]
+        if reason:
+            frames.insert(0, format_reset_event(reason, last_event_id))
+        return frames
+
+    def unsubscribe(self, subscriber: Subscriber) -> None:
+        with self._lock:
+            self._remove_locked(subscriber)
+
+    def _remove_locked(self, subscriber: Subscriber) -> None:
+        removed = False
+        for topic in subscriber.topics:
+            subscribers = self._subscribers_by_topic.get(topic)
+            if subscribers and subscriber in subscribers:
+                removed = True
+                subscribers.discard(subscriber)
+                if not subscribers:
+                    del self._subscribers_by_topic[topic]
+        if removed:
+            self._subscriber_count -= 1
+
+    def close(self) -> list[Subscriber]:
+        """Refuse new subscribers and tell every stream to end. Returns them."""
+        with self._lock:
+            self._closed = True
+            subscribers = set()
+            for topic_subscribers in self._subscribers_by_topic.values():
+                subscribers.update(topic_subscribers)
+            self._subscribers_by_topic.clear()
+            self._subscriber_count = 0
+        for subscriber in subscribers:
+            subscriber.queue.put(SHUTDOWN)
+        return list(subscribers)
+
+    # Introspection
+
+    @property
+    def subscriber_count(self) -> int:
+        with self._lock:
+            return self._subscriber_count
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "subscribers": self._subscriber_count,
+                "topics": len(self._subscribers_by_topic),
+                "topics_with_history": len(self._history),
+                "events_retained": sum(len(h.events) for h in self._history.values()),
+                "events_published": self.events_published,
+                "events_delivered": self.events_delivered,
+                "clients_dropped": self.clients_dropped,
+                "subscriptions_total": self.subscriptions_total,
+                "last_event_id": format_event_id(self.run_id, self._seq) if self._seq else None,
+                "run_id": self.run_id,
+                "uptime_s": round(self._clock() - self._started, 3),
+            }
+
+
+RESET_MESSAGES = {
+    "unknown-id": "Last-Event-ID is not from this server run; replaying all retained events",
+    "history-exceeded": "events after Last-Event-ID are no longer retained; some were missed",
+}
+
+
+def format_reset_event(reason: str, last_event_id: str) -> bytes:
+    """The `reset` event that starts a replay which may have missed events.
+    It carries no id, so the client's last event id is left as it was."""
+    data = {"reason": reason, "lastEventId": last_event_id, "message": RESET_MESSAGES[reason]}
+    return format_event(json.dumps(data, ensure_ascii=False), event="reset")
+
+
+# --- HTTP handler ---------------------------------------------------------------------
+
+class _DeadlineReader(io.RawIOBase):
+    """Socket reads that share one deadline, so a request trickled in a byte
+    at a time (slowloris) still ends when the deadline passes. A per-read
+    timeout alone would restart with every byte."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self.deadline: Optional[float] = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise socket.timeout("request not received in time")
+            self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+class _SocketWriter(io.RawIOBase):
+    """Unbuffered writes straight to the socket (responses are built whole)."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self._sock.sendall(data)
+        return len(data)
+
+
+class _ClientGone(Exception):
+    """The client closed the connection in the middle of its request."""
+
+
+class SSERequestHandler(http.server.BaseHTTPRequestHandler):
+    """Routes requests; streams events for GET /events."""
+
+    protocol_version = "HTTP/1.1"      # keep-alive for publishers, chunked streams
+    server_version = f"sse_server/{__version__}"
+    rbufsize = 8192                    # request read buffer
+
+    # path -> method -> handler method name; any other GET/HEAD path is a static file
+    routes = {
+        "/events": {"GET": "_handle_events"},
+        "/publish": {"POST": "_handle_publish"},
+        "/healthz": {"GET": "_handle_healthz", "HEAD": "_handle_healthz"},
+        "/stats": {"GET": "_handle_stats", "HEAD": "_handle_stats"},
+    }
+    static_methods = {"GET": "_handle_static", "HEAD": "_handle_static"}
+
+    def setup(self) -> None:
+        self.connection = self.request
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._reader = _DeadlineReader(self.connection)
+        self.rfile = io.BufferedReader(self._reader, self.rbufsize)
+        self.wfile = _SocketWriter(self.connection)   # the base class flushes it
+        self._stream_lock = threading.Lock()
+        self._stream_open = False
+        self._body_pending = False
+
+    def finish(self) -> None:
+        self.rfile.close()
+
+    def handle_one_request(self) -> None:
+        self._reader.deadline = time.monotonic() + self.server.request_timeout_s
+        super().handle_one_request()
+
+    # Dispatch: every known method goes through _dispatch; others get 501.
+
+    def _dispatch(self) -> None:
+        try:
+            url = urllib.parse.urlsplit(self.path)
+            length = self._content_length()
+            self._body_pending = length > 0
+            methods = self.routes.get(url.path, self.static_methods)
+            name = methods.get(self.command)
+            if self.command == "OPTIONS":
+                self._respond(HTTPStatus.NO_CONTENT, b"",
+                              headers=[("Allow", ", ".join([*methods, "OPTIONS"]))])
+            elif name is None:
+                if url.path not in self.routes and not self._static_path(url.path):
+                    raise NotFound(f"no such resource: {url.path}")
+                raise MethodNotAllowed(self.command, [*methods, "OPTIONS"])
+            else:
+                getattr(self, name)(url)
+        except HTTPError as error:
+            if self._body_pending:
+                self.close_connection = True
+            self._respond(error.status, error.reason.encode("utf-8") + b"\n",
+                          headers=error.headers)
+        except _ClientGone:
+            self.close_connection = True
+
+    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
+
+    def _content_length(self) -> int:
+        if "Transfer-Encoding" in self.headers:
+            self.close_connection = True
+            raise HTTPError("chunked request bodies are not supported; send Content-Length",
+                            status=HTTPStatus.LENGTH_REQUIRED)
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            return 0
+        if len(set(values)) > 1 or not values[0].strip().isdigit() or not values[0].isascii():
+            self.close_connection = True
+            raise BadRequest("invalid Content-Length")
+        return int(values[0])
+
+    def _read_body(self) -> bytes:
+        length = self._content_length()
+        if length > self.server.max_body_bytes:
+            raise PayloadTooLarge(f"body larger than {self.server.max_body_bytes} bytes")
+        body = self.rfile.read(length) if length else b""
+        if len(body) < length:
+            raise _ClientGone()
+        self._body_pending = False
+        return body
+
+    # Plain responses: one send each (status line, headers and body together),
+    # so a keep-alive publisher never waits on Nagle + delayed ACK.
+
+    def _respond(self, status: HTTPStatus, body: bytes, *,
+                 content_type: str = TEXT_CONTENT_TYPE,
+                 headers: Iterable[tuple[str, str]] = ()) -> None:
+        lines = [f"{self.protocol_version} {status.value} {status.phrase}",
+                 f"Server: {self.version_string()}", f"Date: {self.date_time_string()}"]
+        if status != HTTPStatus.NO_CONTENT:
+            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
+        for name, value in headers:
+            _check_field(name, value)
+            lines.append(f"{name}: {value}")
+        if self.close_connection:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        self.log_request(status.value, len(body))
+        self._send_all(head if self.command == "HEAD" else head + body)
+
+    def _respond_json(self, payload: dict) -> None:
+        body = json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
+        self._respond(HTTPStatus.OK, body, content_type=JSON_CONTENT_TYPE)
+
+    def _send_all(self, data: bytes) -> None:
+        self.connection.settimeout(self.server.write_timeout_s)
+        self.connection.sendall(data)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """BaseHTTPRequestHandler calls this for requests it cannot parse
+        (400, 414, 431, 501, 505): answer in plain text and close."""
+        self.close_connection = True
+        try:
+            status = HTTPStatus(code)
+        except ValueError:
+            status = HTTPStatus.BAD_REQUEST
+        if not hasattr(self, "command") or self.command is None:
+            self.command = ""
+        try:
+            self._respond(status, f"{message or status.phrase}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass    # the client is already gone
+
+    def log_message(self, format: str, *args) -> None:
+        logger.info("%s %s", self.address_string(), format % args)
+
+    # Small endpoints
+
+    def _handle_healthz(self, url) -> None:
+        self._respond(HTTPStatus.OK, b"ok\n")
+
+    def _handle_stats(self, url) -> None:
+        self._respond_json(self.server.stats())
+
+    def _static_path(self, url_path: str) -> Optional[str]:
+        return resolve_static_path(self.server.static_dir, url_path)
+
+    def _handle_static(self, url) -> None:
+        path = self._static_path(url.path)
+        if path is None:
+            raise NotFound(f"no such resource: {url.path}")
+        content_type = mimetypes.guess_type(path)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type in ("application/javascript",
+                                                               "image/svg+xml"):
+            content_type += "; charset=utf-8"
+        with open(path, "rb") as file:
+            body = file.read()
+        headers = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
+        if content_type.startswith("text/html"):
+            headers.append(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+        self._respond(HTTPStatus.OK, body, content_type=content_type, headers=headers)
+
+    # Publish
+
+    def _handle_publish(self, url) -> None:
+        check_publish_access(self.client_address[0], self.headers.get("Authorization"),
+                             self.server.publish_token)
+        request = parse_publish(url.query, self.headers.get("Content-Type"), self._read_body())
+        result = self.server.broker.publish(request.topics, request.data,
+                                            event=request.event, retry=request.retry)
+        self._respond_json({"id": result.id, "topics": request.topics,
+                            "subscribers": result.subscribers})
+
+    # Subscribe: the stream
+
+    def _handle_events(self, url) -> None:
+        query = parse_query(url.query)
+        topics = validate_topics(query.get("topic", []))
+        last_event_id = self.headers.get("Last-Event-ID") or _single(query, "lastEventId")
+        if self._body_pending:
+            raise BadRequest("GET /events takes no body")
+        subscriber, replay = self.server.broker.subscribe(
+            topics, last_event_id=last_event_id, on_drop=self._cut_stream)
+        self.close_connection = True    # the stream ends only by closing
+        self._chunked = self.request_version != "HTTP/1.0"
+        with self._stream_lock:
+            self._stream_open = True
+        self.server.stream_started(self.connection)
+        try:
+            self._stream(subscriber, replay)
+        except OSError as error:    # peer gone, write timeout, or cut by the broker
+            logger.debug("stream to %s ended: %r", self.address_string(), error)
+        finally:
+            self.server.broker.unsubscribe(subscriber)
+            with self._stream_lock:
+                self._stream_open = False
+            self.server.stream_ended(self.connection)
+
+    def _cut_stream(self) -> None:
+        """Wake a stream's thread from any blocking write by shutting its socket.
+        Runs on another thread (a publisher, or shutdown); only while the stream
+        is open, because after that the file descriptor may belong to another
+        connection."""
+        with self._stream_lock:
+            if self._stream_open:
+                try:
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def _stream(self, subscriber: Subscriber, replay: list[bytes]) -> None:
+        headers = [f"{self.protocol_version} 200 OK",
+                   f"Server: {self.version_string()}", f"Date: {self.date_time_string()}",
+                   f"Content-Type: {EVENT_STREAM_CONTENT_TYPE}",
+                   "Cache-Control: no-cache", "X-Accel-Buffering: no",
+                   "Transfer-Encoding: chunked" if self._chunked else "Connection: close"]
+        self.log_request(200)
+        head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
+        # First bytes at once, so EventSource fires `open` and proxies see a start.
+        hello = CONNECTED_COMMENT + format_retry(self.server.retry_ms)
+        self._send_all(head + self._frame(hello))
+        self._write_frames(replay)
+        self.rfile.close()      # nothing more is read from a stream: free its buffer
+        heartbeat_s = self.server.heartbeat_s
+        queue_get = subscriber.queue.get
+        while True:
+            try:
+                item = queue_get(timeout=heartbeat_s)
+            except queue.Empty:
+                self._send_all(self._frame(HEARTBEAT_COMMENT))
+                continue
+            frames = []
+            while not isinstance(item, StreamEnd):
+                frames.append(item)
+                try:
+                    item = subscriber.queue.get_nowait()
+                except queue.Empty:
+                    item = None
+                    break
+            self._write_frames(frames)
+            if item is SHUTDOWN:
+                low, high = SHUTDOWN_RETRY_MS
+                self._send_all(self._frame(format_retry(random.randint(low, high))) +
+                               (LAST_CHUNK if self._chunked else b""))
+                return
+            if item is DROPPED:
+                return
+
+    def _frame(self, payload: bytes) -> bytes:
+        return encode_chunk(payload) if self._chunked else payload
+
+    def _write_frames(self, frames: list[bytes]) -> None:
+        """Write frames as few chunks as possible (one, unless very large)."""
+        batch, size = [], 0
+        for frame in frames:
+            batch.append(frame)
+            size += len(frame)
+            if size >= MAX_CHUNK_BYTES:
+                self._send_all(self._frame(b"".join(batch)))
+                batch, size = [], 0
+        if batch:
+            self._send_all(self._frame(b"".join(batch)))
+
+
+# --- Server ---------------------------------------------------------------------------
+
+class SSEServer(http.server.ThreadingHTTPServer):
+    """The HTTP server: owns the broker and the settings.
+
+    shutdown() stops accepting, ends every stream with a `retry:` spread and
+    a terminating chunk, and returns within about two seconds."""
+
+    daemon_threads = True       # a stuck client never keeps the process alive
+    request_queue_size = 4096   # listen backlog (the default 5 stalls bursts of connects)
+
+    def __init__(self, server_address, *, static_dir: Optional[str] = None,
+                 heartbeat_s: float = HEARTBEAT_S, retry_ms: int = RETRY_MS,
+                 queue_size: int = QUEUE_SIZE, max_body_bytes: int = MAX_BODY_BYTES,
+                 publish_token: Optional[str] = None, history_size: int = HISTORY_SIZE,
+                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
+                 max_clients: int = MAX_CLIENTS, write_timeout_s: float = WRITE_TIMEOUT_S,
+                 request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 handler_class=SSERequestHandler, bind_and_activate: bool = True):
+        if ":" in server_address[0]:
+            self.address_family = socket.AF_INET6
+        self.static_dir = static_dir or os.path.join(
+            os.path.dirname(os.path.abspath(__file__)), "static")
+        self.heartbeat_s = heartbeat_s
+        self.retry_ms = retry_ms
+        self.max_body_bytes = max_body_bytes
+        self.publish_token = publish_token
+        self.write_timeout_s = write_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.broker = Broker(queue_size=queue_size, history_size=history_size,
+                             history_ttl_s=history_ttl_s, max_topics=max_topics,
+                             max_subscribers=max_clients)
+        # _connections_lock guards the three fields below it; the condition is
+        # notified whenever a stream or a handler thread ends.
+        self._connections_lock = threading.Lock()
+        self._handler_done = threading.Condition(self._connections_lock)
+        self._connections: set[socket.socket] = set()
+        self._streams: set[socket.socket] = set()
+        self._handler_threads = 0
+        self._serving = False
+        super().__init__(server_address, handler_class, bind_and_activate)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{port}/"
+
+    def stats(self) -> dict:
+        stats = self.broker.stats()
+        with self._connections_lock:
+            stats["connections"] = len(self._connections)
+        return stats
+
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        self._serving = True
+        try:
+            super().serve_forever(poll_interval)
+        finally:
+            self._serving = False
+
+    def process_request(self, request, client_address) -> None:
+        with self._connections_lock:
+            self._connections.add(request)
+            self._handler_threads += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._handler_finished(request)
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._handler_finished(request)
+
+    def _handler_finished(self, request) -> None:
+        with self._connections_lock:
+            self._connections.discard(request)
+            self._handler_threads -= 1
+            self._handler_done.notify_all()
+
+    def stream_started(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._streams.add(connection)
+
+    def stream_ended(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._streams.discard(connection)
+            self._handler_done.notify_all()
+
+    def handle_error(self, request, client_address) -> None:
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, socket.timeout)):
+            logger.debug("connection from %s ended: %r", client_address, error)
+        else:
+            logger.exception("unexpected error handling a request from %s", client_address)
+
+    def shutdown(self) -> None:
+        """Stop accepting, end every stream cleanly, close idle connections."""
+        if self._serving:
+            super().shutdown()
+        self.broker.close()     # each stream writes retry: + its last chunk and ends
+        with self._connections_lock:
+            idle = self._connections - self._streams
+        # SHUT_RD ends a thread waiting for the next keep-alive request at once,
+        # and still lets a response being written go out.
+        _shutdown_sockets(idle, socket.SHUT_RD)
+        with self._connections_lock:
+            self._handler_done.wait_for(lambda: not self._streams, timeout=SHUTDOWN_GRACE_S)
+            stuck = list(self._connections)
+        # Clients too stuck to take their last chunk are cut.
+        _shutdown_sockets(stuck, socket.SHUT_RDWR)
+        with self._connections_lock:
+            self._handler_done.wait_for(lambda: self._handler_threads == 0, timeout=0.5)
+
+
+def _shutdown_sockets(sockets: Iterable[socket.socket], how: int) -> None:
+    for sock in sockets:
+        try:
+            sock.shutdown(how)
+        except OSError:     # already closed by its own thread
+            pass
+
+
+# --- Command line ------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Server-Sent Events publish/subscribe server (standard library only).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; 0.0.0.0 or :: for every interface")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help="port to bind; 0 picks a free one (the URL is printed)")
+    parser.add_argument("--static", metavar="DIR", default=None,
+                        help="folder served at / (default: static/ beside this file)")
+    parser.add_argument("--heartbeat", metavar="S", type=float, default=HEARTBEAT_S,
+                        help="seconds of silence before a heartbeat comment")
+    parser.add_argument("--retry", metavar="MS", type=int, default=RETRY_MS,
+                        help="reconnection delay sent to clients when they connect")
+    parser.add_argument("--queue-size", metavar="N", type=int, default=QUEUE_SIZE,
+                        help="events a subscriber may have waiting before it is dropped")
+    parser.add_argument("--max-body", metavar="BYTES", type=int, default=MAX_BODY_BYTES,
+                        help="largest publish body (413 beyond)")
+    parser.add_argument("--publish-token", metavar="T",
+                        default=os.environ.get("SSE_PUBLISH_TOKEN"),
+                        help="require 'Authorization: Bearer T' to publish (env "
+                             "SSE_PUBLISH_TOKEN); without it only loopback may publish")
+    parser.add_argument("--history", metavar="N", type=int, default=HISTORY_SIZE,
+                        help="events kept per topic for Last-Event-ID replay (0: none)")
+    parser.add_argument("--history-ttl", metavar="S", type=float, default=None,
+                        help="also forget events older than this many seconds")
+    parser.add_argument("--max-topics", metavar="N", type=int, default=MAX_TOPICS,
+                        help="topics holding history; least recently published dropped first")
+    parser.add_argument("--max-clients", metavar="N", type=int, default=MAX_CLIENTS,
+                        help="concurrent subscribers (503 with Retry-After beyond)")
+    parser.add_argument("--write-timeout", metavar="S", type=float, default=WRITE_TIMEOUT_S,
+                        help="drop a client that accepts no bytes for this long")
+    parser.add_argument("--request-timeout", metavar="S", type=float,
+                        default=REQUEST_TIMEOUT_S,
+                        help="time a client has to send a whole request (streams have none)")
+    parser.add_argument("--log-level", default="info",
+                        choices=["debug", "info", "warning", "error"],
+                        help="logging verbosity")
+    return parser
+
+
+def _positive_settings(args: argparse.Namespace) -> Optional[str]:
+    for name in ("heartbeat", "queue_size", "max_body", "max_topics", "max_clients",
+                 "write_timeout", "request_timeout"):
+        if getattr(args, name) <= 0:
+            return f"--{name.replace('_', '-')} must be greater than 0"
+    for name in ("history", "retry"):
+        if getattr(args, name) < 0:
+            return f"--{name} must not be negative"
+    if args.history_ttl is not None and args.history_ttl <= 0:
+        return "--history-ttl must be greater than 0"
+    return None
+
+
+def _raise_open_files_limit(wanted: int) -> None:
+    """Each subscriber holds a socket: lift the soft limit towards the hard one."""
+    try:
+        import resource
+    except ImportError:     # not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    if target < wanted:
+        logger.warning("open-files limit %d is below --max-clients; raise it (ulimit -n)", hard)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    problem = _positive_settings(args)
+    if problem:
+        parser.error(problem)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    threading.stack_size(THREAD_STACK_BYTES)   # thousands of subscriber threads
+    _raise_open_files_limit(args.max_clients + 256)
+    try:
+        server = SSEServer(
+            (args.host, args.port), static_dir=args.static, heartbeat_s=args.heartbeat,
+            retry_ms=args.retry, queue_size=args.queue_size, max_body_bytes=args.max_body,
+            publish_token=args.publish_token, history_size=args.history,
+            history_ttl_s=args.history_ttl, max_topics=args.max_topics,
+            max_clients=args.max_clients, write_timeout_s=args.write_timeout,
+            request_timeout_s=args.request_timeout)
+    except OSError as error:
+        print(f"sse_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    serving = threading.Thread(target=server.serve_forever, name="accept")
+    serving.start()
+    print(f"sse_server: serving on {server.url} (Ctrl-C to stop)", flush=True)
+    stop.wait()
+    server.shutdown()
+    server.server_close()
+    serving.join()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
