@@ -1,0 +1,1049 @@
+"""Tests for sse_server.py (stdlib unittest): python3 -m unittest -v
+
+Layers: wire format and request parsing (pure, exact bytes), the broker
+(no sockets), then real servers on port 0 read through a strict chunked
+decoder and a WHATWG event-stream parser. Every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import contextlib
+import http.client
+import io
+import json
+import logging
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import unittest
+import urllib.parse
+
+import sse_server
+from sse_server import (Broker, HTTPError, SSERequestHandler, SSEServer, encode_chunk,
+                        format_comment, format_event, format_retry, parse_event_id,
+                        parse_publish, parse_query, resolve_static_path, split_lines,
+                        validate_topics)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class LogRecorder(logging.Handler):
+    """Keeps the server's log records: quiet output, and tests can assert on them."""
+
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+    def tracebacks(self):
+        return [r for r in self.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+SERVER_LOG = LogRecorder()
+
+
+def setUpModule():
+    logger = logging.getLogger("sse_server")
+    logger.addHandler(SERVER_LOG)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+
+
+def tearDownModule():
+    logging.getLogger("sse_server").removeHandler(SERVER_LOG)
+WAIT_S = 10.0   # upper bound for any single wait; a healthy run is far quicker
+
+
+def wait_until(predicate, timeout=WAIT_S, message="condition"):
+    """Poll `predicate` until true; fail the test (never hang) after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {message}")
+        time.sleep(0.005)
+
+
+# --- A strict client: chunked decoder + WHATWG event-stream parser ----------------
+
+class EventStreamParser:
+    """The event-stream interpretation rules of the WHATWG HTML spec."""
+
+    Event = collections.namedtuple("Event", "type data id")
+
+    def __init__(self):
+        self._decoder = codecs.getincrementaldecoder("utf-8")()
+        self._pending = ""
+        self._data: list[str] = []
+        self._type = ""
+        self.last_id = ""
+        self.retry: int | None = None
+        self.events: collections.deque = collections.deque()
+        self.comments: list[str] = []
+        self.empty_dispatches = 0   # blank lines that ended no event
+
+    def feed(self, data: bytes) -> None:
+        self._pending += self._decoder.decode(data)
+        while True:
+            match = re.search(r"\r\n|\r|\n", self._pending)
+            if not match or (match.group() == "\r" and match.end() == len(self._pending)):
+                return  # no full line yet (a lone CR may be half of CRLF)
+            line, self._pending = self._pending[:match.start()], self._pending[match.end():]
+            self._line(line)
+
+    def _line(self, line: str) -> None:
+        if line == "":
+            if not self._data:
+                self.empty_dispatches += 1
+                self._type = ""
+                return
+            self.events.append(self.Event(self._type or "message", "\n".join(self._data),
+                                          self.last_id))
+            self._data, self._type = [], ""
+            return
+        if line.startswith(":"):
+            self.comments.append(line[1:].lstrip(" "))
+            return
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "data":
+            self._data.append(value)
+        elif name == "event":
+            self._type = value
+        elif name == "id" and "\0" not in value:
+            self.last_id = value
+        elif name == "retry" and value.isdigit():
+            self.retry = int(value)
+
+
+class ProtocolError(AssertionError):
+    pass
+
+
+class StreamClient:
+    """Opens GET /events on a raw socket and decodes every byte strictly."""
+
+    def __init__(self, port, query="topic=t", *, headers=(), version="HTTP/1.1",
+                 path="/events", recv_buffer=None):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if recv_buffer:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        self.sock.settimeout(WAIT_S)
+        self.sock.connect(("127.0.0.1", port))
+        lines = [f"GET {path}?{query} {version}", "Host: 127.0.0.1", *headers, "", ""]
+        self.sock.sendall("\r\n".join(lines).encode("utf-8"))
+        self.raw = b""              # everything received, as received
+        self._buffer = b""          # received and not yet decoded
+        self.parser = EventStreamParser()
+        self.ended = False          # saw the terminating chunk
+        self.closed = False         # saw EOF
+        self.status, self.headers = self._read_head()
+        self.chunked = self.headers.get("transfer-encoding") == "chunked"
+        self._decode()      # the first chunk may have come with the headers
+
+    def _recv(self, timeout=WAIT_S) -> bool:
+        if self.closed:
+            return False
+        self.sock.settimeout(timeout)
+        try:
+            data = self.sock.recv(65536)
+        except socket.timeout:
+            return True     # nothing yet, still open
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.closed = True
+            return False
+        self.raw += data
+        self._buffer += data
+        return True
+
+    def _read_head(self):
+        while b"\r\n\r\n" not in self._buffer:
+            if not self._recv():
+                raise ProtocolError(f"connection closed before headers: {self.raw!r}")
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.body = self._buffer
+        return int(status_line.split()[1]), headers
+
+    def _decode(self) -> None:
+        if not self.chunked:
+            self.parser.feed(self._buffer)
+            self._buffer = b""
+            return
+        while not self.ended:
+            size_end = self._buffer.find(b"\r\n")
+            if size_end < 0:
+                return
+            size_text = self._buffer[:size_end]
+            if not re.fullmatch(rb"[0-9A-Fa-f]+", size_text):
+                raise ProtocolError(f"bad chunk size line {size_text!r}")
+            size = int(size_text, 16)
+            total = size_end + 2 + size + 2
+            if len(self._buffer) < total:
+                return
+            chunk = self._buffer[size_end + 2:size_end + 2 + size]
+            if self._buffer[total - 2:total] != b"\r\n":
+                raise ProtocolError("chunk not followed by CRLF")
+            self._buffer = self._buffer[total:]
+            if size == 0:
+                self.ended = True
+            else:
+                self.parser.feed(chunk)
+        if self.ended and self._buffer:
+            raise ProtocolError(f"bytes after the terminating chunk: {self._buffer!r}")
+
+    def pump(self, timeout=WAIT_S) -> bool:
+        """Receive once and decode; False at EOF."""
+        alive = self._recv(timeout)
+        self._decode()
+        return alive
+
+    def next_event(self, timeout=WAIT_S):
+        deadline = time.monotonic() + timeout
+        self._decode()
+        while not self.parser.events:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self.pump(remaining):
+                raise AssertionError(f"no event arrived; received so far: {self.raw[-300:]!r}")
+        return self.parser.events.popleft()
+
+    def take(self, count, timeout=WAIT_S):
+        return [self.next_event(timeout) for _ in range(count)]
+
+    def read_to_end(self, timeout=WAIT_S) -> None:
+        deadline = time.monotonic() + timeout
+        while self.pump(max(0.01, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                raise AssertionError("stream did not end")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def http_request(port, method, path, body=None, headers=None, timeout=WAIT_S):
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, dict(response.getheaders()), response.read()
+    finally:
+        connection.close()
+
+
+def publish_form(port, **fields):
+    body = urllib.parse.urlencode(fields, doseq=True)
+    status, _, answer = http_request(
+        port, "POST", "/publish", body,
+        {"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 200, (status, answer)
+    return json.loads(answer)
+
+
+def raw_exchange(port, data: bytes, timeout=WAIT_S) -> bytes:
+    """Send raw bytes, return everything the server answers until it closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+
+def status_of(answer: bytes) -> int:
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", answer)
+    assert match, f"not an HTTP response: {answer[:200]!r}"
+    return int(match.group(1))
+
+
+# --- Wire format -------------------------------------------------------------------
+
+class FormatEventTests(unittest.TestCase):
+    CASES = [
+        # (data, keyword fields, exact bytes)
+        ("hello", {}, b"data: hello\n\n"),
+        ("", {}, b"data: \n\n"),
+        ("a\nb", {}, b"data: a\ndata: b\n\n"),
+        ("a\r\nb", {}, b"data: a\ndata: b\n\n"),
+        ("a\rb", {}, b"data: a\ndata: b\n\n"),
+        ("a\r\n\r\nb", {}, b"data: a\ndata: \ndata: b\n\n"),
+        ("a\n", {}, b"data: a\ndata: \n\n"),
+        ("\n", {}, b"data: \ndata: \n\n"),
+        (" lead", {}, b"data:  lead\n\n"),
+        ("a\u2028b\x0bc\x1cd", {}, "data: a\u2028b\x0bc\x1cd\n\n".encode()),
+        ("h\u00e9llo \u263a \U0001F600", {}, "data: h\u00e9llo \u263a \U0001F600\n\n".encode()),
+        ("x", {"event": "update"}, b"event: update\ndata: x\n\n"),
+        ("x", {"event": "message"}, b"data: x\n\n"),
+        ("x", {"id": "r-7"}, b"id: r-7\ndata: x\n\n"),
+        ("x", {"retry": 2500}, b"retry: 2500\ndata: x\n\n"),
+        ("x\ny", {"id": "r-1", "event": "e", "retry": 0},
+         b"id: r-1\nevent: e\nretry: 0\ndata: x\ndata: y\n\n"),
+    ]
+
+    def test_exact_bytes(self):
+        for data, fields, expected in self.CASES:
+            with self.subTest(data=data, fields=fields):
+                self.assertEqual(format_event(data, **fields), expected)
+
+    def test_browser_parser_reads_back_the_same_data(self):
+        for data, fields, _ in self.CASES:
+            with self.subTest(data=data):
+                parser = EventStreamParser()
+                parser.feed(format_event(data, **fields))
+                event = parser.events.popleft()
+                # A browser's reading: CR and CRLF both become LF.
+                self.assertEqual(event.data, re.sub(r"\r\n|\r", "\n", data))
+                self.assertEqual(event.type, fields.get("event", "message"))
+                self.assertEqual(parser.empty_dispatches, 0)
+
+    def test_fields_with_line_breaks_or_nul_are_refused(self):
+        for field in ("event", "id"):
+            for bad in ("a\nb", "a\rb", "a\0b"):
+                with self.subTest(field=field, value=bad), self.assertRaises(ValueError):
+                    format_event("x", **{field: bad})
+
+    def test_split_lines_only_on_cr_lf(self):
+        self.assertEqual(split_lines("a\r\nb\rc\nd\u2028e\x85f"), ["a", "b", "c", "d\u2028e\x85f"])
+        self.assertEqual(split_lines(""), [""])
+
+    def test_comment_and_retry_have_no_blank_line(self):
+        self.assertEqual(format_comment("heartbeat"), b": heartbeat\n")
+        self.assertEqual(format_comment("a\r\nb"), b": a\n: b\n")
+        self.assertEqual(format_retry(3000), b"retry: 3000\n")
+        parser = EventStreamParser()
+        parser.feed(format_comment("x") + format_retry(10) + format_comment("y"))
+        self.assertEqual((list(parser.events), parser.empty_dispatches, parser.retry),
+                         ([], 0, 10))
+
+    def test_bad_retry_is_refused(self):
+        for bad in (-1, 1.5, "10", True, None):
+            with self.subTest(retry=bad), self.assertRaises(ValueError):
+                format_retry(bad)
+
+    def test_chunk_framing(self):
+        self.assertEqual(encode_chunk(b"data: x\n\n"), b"9\r\ndata: x\n\n\r\n")
+        self.assertEqual(encode_chunk(b"x" * 255), b"FF\r\n" + b"x" * 255 + b"\r\n")
+        with self.assertRaises(ValueError):
+            encode_chunk(b"")
+
+
+class ParsingTests(unittest.TestCase):
+    def test_valid_topics(self):
+        self.assertEqual(validate_topics(["a", "b/c", "x.y:z@w-1_2", "a"]),
+                         ["a", "b/c", "x.y:z@w-1_2"])
+        self.assertEqual(validate_topics(["t" * 128]), ["t" * 128])
+
+    def test_invalid_topics(self):
+        for topics in ([], [""], ["t" * 129], ["a b"], ["a*"], ["é"], ["a\n"],
+                       [f"t{i}" for i in range(33)]):
+            with self.subTest(topics=topics), self.assertRaises(HTTPError) as caught:
+                validate_topics(topics)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_query_strictness(self):
+        self.assertEqual(parse_query("topic=a&topic=b&x="), {"topic": ["a", "b"], "x": [""]})
+        self.assertEqual(parse_query("data=%C3%A9+x"), {"data": ["\u00e9 x"]})
+        for bad in ("topic=%zz", "topic=%4", "data=%ff", "&".join(["a=1"] * 101)):
+            with self.subTest(query=bad), self.assertRaises(HTTPError):
+                parse_query(bad)
+
+    def test_publish_form_body(self):
+        request = parse_publish("", "application/x-www-form-urlencoded; charset=UTF-8",
+                                b"topic=a&topic=b&data=hi%0Athere&event=update&retry=100")
+        self.assertEqual(request, sse_server.PublishRequest(["a", "b"], "hi\nthere", "update", 100))
+
+    def test_publish_raw_body_with_query_fields(self):
+        request = parse_publish("topic=news&event=greeting", "text/plain",
+                                "line 1\r\nl\u00efne 2".encode())
+        self.assertEqual(request, sse_server.PublishRequest(
+            ["news"], "line 1\r\nl\u00efne 2", "greeting", None))
+        self.assertEqual(parse_publish("topic=a", None, b"").data, "")
+
+    def test_publish_errors(self):
+        cases = [
+            ("", "text/plain", b"x"),                                   # no topic
+            ("topic=a", "text/plain", b"\xff\xfe"),                     # invalid UTF-8
+            ("topic=a&event=a%0Ab", None, b""),                         # LF in event
+            ("topic=a&event=a%0Db", None, b""),                         # CR in event
+            ("topic=a&event=a%00b", None, b""),                         # NUL in event
+            ("topic=a&retry=soon", None, b""),                          # non-numeric retry
+            ("topic=a&retry=-1", None, b""),
+            ("", "application/x-www-form-urlencoded", b"topic=a&data=1&data=2"),
+            ("", "application/x-www-form-urlencoded", b"topic=a&data=%E9"),
+        ]
+        for query, content_type, body in cases:
+            with self.subTest(query=query, body=body), self.assertRaises(HTTPError) as caught:
+                parse_publish(query, content_type, body)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_event_ids(self):
+        self.assertEqual(parse_event_id("abcd-42", "abcd"), 42)
+        for foreign in ("zzzz-42", "abcd-", "abcd-x", "42", "", None, "abcd-\u0664\u0662",
+                        "abcd-4-2"):
+            with self.subTest(id=foreign):
+                self.assertIsNone(parse_event_id(foreign, "abcd"))
+
+    def test_publish_access(self):
+        check = sse_server.check_publish_access
+        check("127.0.0.1", None, None)
+        check("::1", None, None)
+        check("::ffff:127.0.0.1", None, None)
+        check("192.0.2.7", "Bearer s3cret", "s3cret")
+        with self.assertRaises(HTTPError) as caught:
+            check("192.0.2.7", None, None)
+        self.assertEqual(caught.exception.status, 403)
+        for header in (None, "Bearer wrong", "Basic s3cret", "s3cret"):
+            with self.subTest(header=header), self.assertRaises(HTTPError) as caught:
+                check("127.0.0.1", header, "s3cret")
+            self.assertEqual(caught.exception.status, 401)
+            self.assertIn(("WWW-Authenticate", "Bearer"), caught.exception.headers)
+
+
+class StaticPathTests(unittest.TestCase):
+    def setUp(self):
+        self.folder = tempfile.TemporaryDirectory()
+        self.addCleanup(self.folder.cleanup)
+        self.root = os.path.join(self.folder.name, "static")
+        os.makedirs(os.path.join(self.root, "sub"))
+        for name in ("index.html", "app.js", "sub/index.html", ".secret"):
+            with open(os.path.join(self.root, name), "w") as file:
+                file.write(name)
+        with open(os.path.join(self.folder.name, "outside.txt"), "w") as file:
+            file.write("secret")
+        os.symlink(os.path.join(self.folder.name, "outside.txt"),
+                   os.path.join(self.root, "link.txt"))
+
+    def test_files_inside(self):
+        real = os.path.realpath(self.root)
+        self.assertEqual(resolve_static_path(self.root, "/"), os.path.join(real, "index.html"))
+        self.assertEqual(resolve_static_path(self.root, "/app.js"), os.path.join(real, "app.js"))
+        self.assertEqual(resolve_static_path(self.root, "/sub/"),
+                         os.path.join(real, "sub", "index.html"))
+
+    def test_escapes_are_refused(self):
+        for path in ("/../outside.txt", "/%2e%2e/outside.txt", "/%2E%2E%2Foutside.txt",
+                     "/sub/../../outside.txt", "//etc/passwd", "/link.txt", "/.secret",
+                     "/..%5coutside.txt", "/app.js%00.html", "/nope.html", "/%ff"):
+            with self.subTest(path=path):
+                self.assertIsNone(resolve_static_path(self.root, path))
+
+
+# --- Broker (no sockets) ---------------------------------------------------------------
+
+def drain(subscriber):
+    frames = []
+    while not subscriber.queue.empty():
+        frames.append(subscriber.queue.get_nowait())
+    return frames
+
+
+def data_of(frames):
+    parser = EventStreamParser()
+    for frame in frames:
+        parser.feed(frame)
+    return [event.data for event in parser.events]
+
+
+class BrokerTests(unittest.TestCase):
+    def test_publish_reaches_only_subscribers_of_the_topic(self):
+        broker = Broker()
+        a, _ = broker.subscribe(["a"])
+        ab, _ = broker.subscribe(["a", "b"])
+        event_id, reached = broker.publish("a", {"n": 1}, event="update")
+        self.assertEqual(reached, 2)
+        self.assertEqual(event_id, f"{broker.run_id}-1")
+        self.assertEqual(broker.publish(["a", "b"], "both").subscribers, 2)
+        self.assertEqual(broker.publish("c", "nobody").subscribers, 0)
+        self.assertEqual(data_of(drain(a)), ['{"n":1}', "both"])
+        self.assertEqual(data_of(drain(ab)), ['{"n":1}', "both"])   # once, not twice
+
+    def test_data_encoding(self):
+        broker = Broker()
+        subscriber, _ = broker.subscribe(["a"])
+        for data in ("text", b"bytes", [1, "\u00e9"], 3, None):
+            broker.publish("a", data)
+        self.assertEqual(data_of(drain(subscriber)),
+                         ["text", "bytes", '[1,"\u00e9"]', "3", "null"])
+
+    def test_same_bytes_for_every_subscriber(self):
+        broker = Broker()
+        subscribers = [broker.subscribe(["a"])[0] for _ in range(3)]
+        broker.publish("a", "x")
+        frames = [subscriber.queue.get_nowait() for subscriber in subscribers]
+        self.assertTrue(all(frame is frames[0] for frame in frames))
+
+    def test_bad_api_input_spends_no_id(self):
+        broker = Broker()
+        for kwargs in ({"event": "a\nb"}, {"retry": -5}):
+            with self.subTest(kwargs=kwargs), self.assertRaises(ValueError):
+                broker.publish("a", "x", **kwargs)
+        with self.assertRaises(HTTPError):
+            broker.publish("bad topic", "x")
+        self.assertEqual(broker.publish("a", "x").id, f"{broker.run_id}-1")
+
+    def test_full_queue_drops_the_subscriber_not_the_publisher(self):
+        broker = Broker(queue_size=3)
+        dropped = threading.Event()
+        slow, _ = broker.subscribe(["a"], on_drop=dropped.set)
+        fast, _ = broker.subscribe(["a"])
+        for n in range(3):
+            broker.publish("a", str(n))
+            drain(fast)
+        self.assertEqual(broker.publish("a", "3").subscribers, 1)
+        self.assertTrue(dropped.is_set())
+        self.assertIs(drain(slow)[-1], sse_server.DROPPED)
+        self.assertEqual(data_of(drain(fast)), ["3"])
+        self.assertEqual(broker.stats()["clients_dropped"], 1)
+        self.assertEqual(broker.subscriber_count, 1)
+
+    def test_history_is_bounded(self):
+        broker = Broker(history_size=10)
+        for n in range(100):
+            broker.publish("a", str(n))
+        self.assertEqual(broker.stats()["events_retained"], 10)
+
+    def test_max_topics_forgets_least_recently_published(self):
+        broker = Broker(max_topics=3)
+        for topic in ("a", "b", "c", "a", "d"):
+            broker.publish(topic, topic)
+        stats = broker.stats()
+        self.assertEqual((stats["topics_with_history"], stats["events_retained"]), (3, 4))
+        _, replay = broker.subscribe(["b"], last_event_id=f"{broker.run_id}-1")
+        self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
+
+    def test_history_ttl(self):
+        now = [0.0]
+        broker = Broker(history_ttl_s=10, clock=lambda: now[0])
+        broker.publish("a", "old")
+        now[0] = 5
+        broker.publish("a", "new")
+        now[0] = 12
+        _, replay = broker.subscribe(["a"], last_event_id=f"{broker.run_id}-0")
+        self.assertEqual(data_of(replay)[1:], ["new"])
+        self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
+
+    def test_replay_after_id_merges_topics_in_order(self):
+        broker = Broker()
+        ids = [broker.publish(topic, topic + str(n)).id
+               for n, topic in enumerate(["a", "b", "c", "a", "b"])]
+        _, replay = broker.subscribe(["a", "b"], last_event_id=ids[0])
+        self.assertEqual(data_of(replay), ["b1", "a3", "b4"])
+
+    def test_replay_without_gap_or_duplicate_under_concurrent_publishing(self):
+        broker = Broker(history_size=100_000, queue_size=100_000)
+        stop = threading.Event()
+
+        def publisher():
+            n = 0
+            while not stop.is_set() and n < 20_000:
+                broker.publish("a", str(n))
+                n += 1
+
+        thread = threading.Thread(target=publisher)
+        thread.start()
+        try:
+            wait_until(lambda: broker.stats()["events_published"] > 100)
+            first_id = broker.stats()["last_event_id"]
+            wait_until(lambda: broker.stats()["events_published"] > 300)
+            subscriber, replay = broker.subscribe(["a"], last_event_id=first_id)
+            wait_until(lambda: subscriber.queue.qsize() > 200)
+        finally:
+            stop.set()
+            thread.join(WAIT_S)
+        numbers = [int(d) for d in data_of(replay + drain(subscriber))]
+        start = parse_event_id(first_id, broker.run_id)   # seq n is data n - 1
+        self.assertEqual(numbers, list(range(start, start + len(numbers))))
+
+    def test_foreign_and_future_ids_reset(self):
+        broker = Broker()
+        broker.publish("a", "x")
+        for stale in ("0000-1", "garbage", f"{broker.run_id}-99"):
+            with self.subTest(id=stale):
+                _, replay = broker.subscribe(["a"], last_event_id=stale)
+                parser = EventStreamParser()
+                for frame in replay:
+                    parser.feed(frame)
+                reset, event = parser.events
+                self.assertEqual(reset.type, "reset")
+                self.assertEqual(json.loads(reset.data)["reason"], "unknown-id")
+                self.assertEqual(json.loads(reset.data)["lastEventId"], stale)
+                self.assertEqual(event.data, "x")
+
+    def test_max_subscribers(self):
+        broker = Broker(max_subscribers=2)
+        first, _ = broker.subscribe(["a"])
+        broker.subscribe(["b"])
+        with self.assertRaises(HTTPError) as caught:
+            broker.subscribe(["c"])
+        self.assertEqual(caught.exception.status, 503)
+        broker.unsubscribe(first)
+        broker.unsubscribe(first)   # twice is harmless
+        broker.subscribe(["c"])
+
+    def test_concurrent_publishers_keep_each_order(self):
+        broker = Broker(queue_size=10_000)
+        subscribers = [broker.subscribe(["a"])[0] for _ in range(5)]
+        threads = [threading.Thread(target=lambda p=p: [broker.publish("a", f"{p}:{n}")
+                                                      for n in range(500)])
+                   for p in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+        for subscriber in subscribers:
+            got = data_of(drain(subscriber))
+            self.assertEqual(len(got), 4000)
+            for p in range(8):
+                self.assertEqual([d for d in got if d.startswith(f"{p}:")],
+                                 [f"{p}:{n}" for n in range(500)])
+
+
+# --- Servers on port 0 ---------------------------------------------------------------------
+
+class ServerTestCase(unittest.TestCase):
+    """Starts a real server per test; tearDown checks no thread leaked."""
+
+    server_options: dict = {}
+    handler_class = SSERequestHandler
+
+    def setUp(self):
+        self.baseline_threads = threading.active_count()
+        self.server = self.start_server(**self.server_options)
+        self.port = self.server.server_address[1]
+
+    def start_server(self, **options):
+        options.setdefault("heartbeat_s", 5)
+        server = SSEServer(("127.0.0.1", 0), handler_class=self.handler_class, **options)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            thread.join(WAIT_S)
+        self.addCleanup(stop)
+        return server
+
+    def tearDown(self):
+        self.doCleanups()
+        wait_until(lambda: threading.active_count() <= self.baseline_threads,
+                   message=f"threads to end: {threading.enumerate()}")
+
+    def subscribe(self, query="topic=t", **kwargs):
+        client = StreamClient(self.port, query, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    def subscribed(self, count):
+        wait_until(lambda: self.server.broker.subscriber_count == count,
+                   message=f"{count} subscribers")
+
+
+class StreamTests(ServerTestCase):
+    def test_headers_and_first_bytes(self):
+        client = self.subscribe("topic=news")
+        self.assertEqual(client.status, 200)
+        self.assertEqual(client.headers["content-type"], "text/event-stream; charset=utf-8")
+        self.assertEqual(client.headers["cache-control"], "no-cache")
+        self.assertEqual(client.headers["x-accel-buffering"], "no")
+        self.assertEqual(client.headers["transfer-encoding"], "chunked")
+        self.assertNotIn("content-length", client.headers)
+        while b"retry" not in client.raw.split(b"\r\n\r\n", 1)[1]:
+            client.pump()
+        # The first chunk, before anything is published: a comment and retry.
+        self.assertEqual(client.raw.split(b"\r\n\r\n", 1)[1], b"18\r\n: connected\nretry: 3000\n\r\n")
+
+    def test_event_bytes_on_the_wire(self):
+        client = self.subscribe("topic=news")
+        self.subscribed(1)
+        result = publish_form(self.port, topic="news", data="a\r\nb", event="update")
+        client.next_event()
+        frame = f"id: {result['id']}\nevent: update\ndata: a\ndata: b\n\n".encode()
+        self.assertTrue(client.raw.endswith(b"%X\r\n%s\r\n" % (len(frame), frame)),
+                        client.raw)
+
+    def test_events_in_publish_order_per_topic(self):
+        news = [self.subscribe("topic=news") for _ in range(2)]
+        sport = self.subscribe("topic=sport")
+        both = self.subscribe("topic=news&topic=sport")
+        self.subscribed(4)
+        for n in range(5):
+            publish_form(self.port, topic="news", data=f"n{n}")
+            publish_form(self.port, topic="sport", data=f"s{n}", event="score")
+        for client in news:
+            self.assertEqual([e.data for e in client.take(5)], [f"n{n}" for n in range(5)])
+        self.assertEqual([(e.type, e.data) for e in sport.take(5)],
+                         [("score", f"s{n}") for n in range(5)])
+        self.assertEqual([e.data for e in both.take(10)],
+                         [x for n in range(5) for x in (f"n{n}", f"s{n}")])
+        for client in (*news, sport):   # nothing else arrived meanwhile
+            with self.assertRaises(AssertionError):
+                client.next_event(timeout=0.05)
+            self.assertEqual(client.parser.empty_dispatches, 0)
+
+    def test_multi_topic_event_arrives_once(self):
+        client = self.subscribe("topic=a&topic=b")
+        self.subscribed(1)
+        status, _, body = http_request(self.port, "POST", "/publish?topic=a&topic=b", b"x")
+        self.assertEqual(json.loads(body)["subscribers"], 1)
+        self.assertEqual(client.next_event().data, "x")
+        with self.assertRaises(AssertionError):
+            client.next_event(timeout=0.05)
+
+    def test_raw_body_publish_and_non_ascii(self):
+        client = self.subscribe("topic=t")
+        self.subscribed(1)
+        body = "l\u00efne 1\r\nline \u263a 2\rline 3".encode()
+        status, headers, answer = http_request(
+            self.port, "POST", "/publish?topic=t&event=greeting", body,
+            {"Content-Type": "text/plain"})
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        answer = json.loads(answer)
+        self.assertEqual((answer["topics"], answer["subscribers"]), (["t"], 1))
+        event = client.next_event()
+        self.assertEqual((event.type, event.data, event.id),
+                         ("greeting", "l\u00efne 1\nline \u263a 2\nline 3", answer["id"]))
+
+    def test_http10_client_gets_close_delimited_stream(self):
+        client = self.subscribe("topic=t", version="HTTP/1.0")
+        self.assertEqual(client.status, 200)
+        self.assertNotIn("transfer-encoding", client.headers)
+        self.subscribed(1)
+        publish_form(self.port, topic="t", data="plain")
+        self.assertEqual(client.next_event().data, "plain")
+        self.assertIn(b"\r\n\r\n: connected\nretry: 3000\n", client.raw)
+        self.server.shutdown()
+        client.read_to_end()
+        self.assertTrue(client.closed)
+        self.assertTrue(client.raw.endswith(b"\n"))
+        self.assertRegex(client.raw, rb"retry: \d+\n$")
+
+    def test_heartbeat_comment_when_idle(self):
+        self.server.heartbeat_s = 0.05
+        client = self.subscribe()
+        wait_until(lambda: client.pump() and "heartbeat" in client.parser.comments)
+        self.assertEqual(client.parser.empty_dispatches, 0)
+        self.assertEqual(list(client.parser.events), [])
+
+    def test_shutdown_ends_streams_with_terminating_chunk(self):
+        clients = [self.subscribe() for _ in range(3)]
+        self.subscribed(3)
+        started = time.monotonic()
+        self.server.shutdown()
+        self.assertLess(time.monotonic() - started, 2.0)
+        for client in clients:
+            client.read_to_end()
+            self.assertTrue(client.ended, client.raw[-100:])
+            retry = client.parser.retry
+            self.assertTrue(1000 <= retry <= 5000, retry)
+            self.assertTrue(client.raw.endswith(b"\r\n0\r\n\r\n"))
+
+
+class ConcurrencyTests(ServerTestCase):
+    server_options = {"queue_size": 5000}
+
+    def test_eight_publishers_twenty_subscribers(self):
+        subscribers = [self.subscribe("topic=load") for _ in range(20)]
+        self.subscribed(20)
+        errors = []
+
+        def publisher(p):
+            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+            try:
+                for n in range(500):    # keep-alive: one connection per publisher
+                    connection.request("POST", "/publish?topic=load", body=f"{p}:{n}")
+                    response = connection.getresponse()
+                    response.read()
+                    if response.status != 200:
+                        errors.append(response.status)
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=publisher, args=(p,)) for p in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        self.assertEqual(errors, [])
+        for client in subscribers:
+            events = client.take(4000)
+            self.assertEqual(len({e.id for e in events}), 4000)
+            for p in range(8):
+                mine = [e.data for e in events if e.data.startswith(f"{p}:")]
+                self.assertEqual(mine, [f"{p}:{n}" for n in range(500)])
+            sequence = [parse_event_id(e.id, self.server.broker.run_id) for e in events]
+            self.assertEqual(sequence, sorted(sequence))
+
+    def test_clients_come_and_go_without_leaks(self):
+        self.server.heartbeat_s = 0.05
+        base_subscribers = self.server.broker.subscriber_count
+        base_threads = threading.active_count()
+        clients = [StreamClient(self.port, f"topic=c{n % 5}") for n in range(50)]
+        self.subscribed(50)
+        self.assertEqual(threading.active_count(), base_threads + 50)
+        for client in clients:
+            client.close()
+        self.subscribed(base_subscribers)
+        wait_until(lambda: threading.active_count() == base_threads, message="threads")
+        wait_until(lambda: self.server.stats()["connections"] == 0, message="connections")
+
+
+class SlowConsumerTests(ServerTestCase):
+    server_options = {"queue_size": 20}
+
+    def test_slow_consumer_dropped_others_get_everything(self):
+        slow = self.subscribe("topic=t", recv_buffer=4096)      # never reads again
+        fast = self.subscribe("topic=t")
+        self.subscribed(2)
+        payload = "x" * 16_000
+        sent = 0
+        while self.server.broker.stats()["clients_dropped"] == 0:
+            self.assertLess(sent, 2000, "slow consumer was never dropped")
+            publish_form(self.port, topic="t", data=f"{sent} {payload}")
+            self.assertEqual(fast.next_event().data, f"{sent} {payload}")
+            sent += 1
+        publish_form(self.port, topic="t", data="after")
+        self.assertEqual(fast.next_event().data, "after")
+        self.subscribed(1)
+        self.assertEqual(self.server.stats()["clients_dropped"], 1)
+        slow.sock.settimeout(WAIT_S)   # the dropped client's connection is closed
+        with contextlib.suppress(ConnectionResetError):
+            while slow.sock.recv(1 << 20):
+                pass
+
+
+class ErrorTests(ServerTestCase):
+    def test_error_statuses(self):
+        cases = [
+            ("GET", "/events", None, {}, 400),
+            ("GET", "/events?topic=", None, {}, 400),
+            ("GET", "/events?topic=" + "t" * 129, None, {}, 400),
+            ("GET", "/events?topic=a%20b", None, {}, 400),
+            ("GET", "/events?" + "&".join(f"topic=t{i}" for i in range(33)), None, {}, 400),
+            ("POST", "/publish", b"x", {"Content-Type": "text/plain"}, 400),
+            ("POST", "/publish?topic=t", b"\xff", {"Content-Type": "text/plain"}, 400),
+            ("POST", "/publish?topic=t&event=a%0Ab", b"x", {}, 400),
+            ("POST", "/publish?topic=t&event=a%00b", b"x", {}, 400),
+            ("POST", "/publish?topic=t&retry=abc", b"x", {}, 400),
+            ("POST", "/publish?topic=t", b"x" * (64 * 1024 + 1), {}, 413),
+            ("GET", "/nope", None, {}, 404),
+            ("POST", "/nope", b"", {}, 404),
+            ("PUT", "/events", b"", {}, 405),
+            ("HEAD", "/events?topic=t", None, {}, 405),
+        ]
+        for method, path, body, headers, expected in cases:
+            with self.subTest(method=method, path=path[:60]):
+                status, answer_headers, answer = http_request(self.port, method, path, body,
+                                                              headers)
+                self.assertEqual(status, expected, answer)
+                self.assertEqual(answer_headers["Content-Type"], "text/plain; charset=utf-8")
+                if method != "HEAD":
+                    self.assertTrue(answer.strip(), "an error needs a reason")
+                    self.assertEqual(answer.count(b"\n"), 1, answer)
+
+    def test_get_publish_is_405_with_allow(self):
+        status, headers, body = http_request(self.port, "GET", "/publish")
+        self.assertEqual((status, headers["Allow"]), (405, "POST, OPTIONS"))
+        self.assertIn(b"POST", body)
+
+    def test_unknown_method_is_501(self):
+        answer = raw_exchange(self.port, b"BREW /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_of(answer), 501)
+
+    def test_oversized_body_is_refused_without_reading_it(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /publish?topic=t HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 100000000\r\n\r\n" + b"x" * 1000)
+            answer = sock.recv(65536)
+        self.assertEqual(status_of(answer), 413)
+        self.assertIn(b"Connection: close", answer)
+
+    def test_publish_response_is_one_piece(self):
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            sock.sendall(b"POST /publish?topic=t HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 2\r\n\r\nhi")
+            answer = sock.recv(65536)   # one send from the server: all of it in one recv
+            head, body = answer.split(b"\r\n\r\n", 1)
+            length = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+            self.assertEqual(len(body), length)
+            self.assertEqual(json.loads(body)["topics"], ["t"])
+            # keep-alive: the same connection publishes again
+            sock.sendall(b"POST /publish?topic=t HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Length: 2\r\n\r\nho")
+            self.assertEqual(status_of(sock.recv(65536)), 200)
+
+    def test_healthz_and_stats(self):
+        self.assertEqual(http_request(self.port, "GET", "/healthz")[::2], (200, b"ok\n"))
+        self.assertEqual(http_request(self.port, "HEAD", "/healthz")[::2], (200, b""))
+        client = self.subscribe("topic=s")
+        self.subscribed(1)
+        publish_form(self.port, topic="s", data="1")
+        client.next_event()
+        status, headers, body = http_request(self.port, "GET", "/stats")
+        stats = json.loads(body)
+        self.assertEqual(headers["Content-Type"], "application/json")
+        for key, value in {"subscribers": 1, "topics": 1, "events_published": 1,
+                           "events_delivered": 1, "clients_dropped": 0}.items():
+            self.assertEqual(stats[key], value, key)
+        self.assertGreaterEqual(stats["uptime_s"], 0)
+
+    def test_options_lists_methods(self):
+        status, headers, _ = http_request(self.port, "OPTIONS", "/publish")
+        self.assertEqual((status, headers["Allow"]), (204, "POST, OPTIONS"))
+
+
+class StaticTests(ServerTestCase):
+    def test_index_and_assets(self):
+        status, headers, body = http_request(self.port, "GET", "/")
+        self.assertEqual(status, 200)
+        self.assertEqual(headers["Content-Type"], "text/html; charset=utf-8")
+        self.assertIn(b"EventSource", http_request(self.port, "GET", "/app.js")[2])
+        self.assertIn("Content-Security-Policy", headers)
+        self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+        with open(os.path.join(HERE, "static", "index.html"), "rb") as file:
+            self.assertEqual(body, file.read())
+        for path, mime in (("/app.js", "javascript"), ("/style.css", "text/css")):
+            self.assertIn(mime, http_request(self.port, "GET", path)[1]["Content-Type"])
+
+    def test_head(self):
+        status, headers, body = http_request(self.port, "HEAD", "/")
+        self.assertEqual((status, body), (200, b""))
+        self.assertGreater(int(headers["Content-Length"]), 0)
+
+    def test_traversal_is_404(self):
+        for path in ("/../sse_server.py", "/%2e%2e/sse_server.py", "/%2e%2e%2fsse_server.py",
+                     "/static/../../etc/passwd", "/..%2f..%2fetc/passwd", "/.hidden"):
+            with self.subTest(path=path):
+                answer = raw_exchange(self.port, f"GET {path} HTTP/1.1\r\nHost: x\r\n"
+                                      f"Connection: close\r\n\r\n".encode())
+                self.assertEqual(status_of(answer), 404)
+                self.assertNotIn(b"import", answer)
+
+
+class PublishTokenTests(ServerTestCase):
+    server_options = {"publish_token": "s3cret"}
+
+    def test_token_required(self):
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "s3cret"}):
+            with self.subTest(headers=headers):
+                status, answer_headers, _ = http_request(self.port, "POST", "/publish?topic=t",
+                                                         b"x", headers)
+                self.assertEqual(status, 401)
+                self.assertEqual(answer_headers["WWW-Authenticate"], "Bearer")
+        status, _, _ = http_request(self.port, "POST", "/publish?topic=t", b"x",
+                                    {"Authorization": "Bearer s3cret"})
+        self.assertEqual(status, 200)
+
+
+class RemoteClientHandler(SSERequestHandler):
+    """Pretends every client comes from a non-loopback address."""
+
+    def setup(self):
+        super().setup()
+        self.client_address = ("192.0.2.10", self.client_address[1])
+
+
+class LoopbackRuleTests(ServerTestCase):
+    handler_class = RemoteClientHandler
+
+    def test_remote_publish_refused_without_token(self):
+        status, _, body = http_request(self.port, "POST", "/publish?topic=t", b"x")
+        self.assertEqual(status, 403)
+        self.assertIn(b"--publish-token", body)
+        self.subscribe("topic=t")     # subscribing stays open to everyone
+        self.subscribed(1)
+
+    def test_remote_publish_allowed_with_token(self):
+        self.server.publish_token = "tok"
+        status, _, _ = http_request(self.port, "POST", "/publish?topic=t", b"x",
+                                    {"Authorization": "Bearer tok"})
+        self.assertEqual(status, 200)
+
+
+class ShutdownTests(ServerTestCase):
+    def test_shutdown_with_hundreds_of_streams_is_fast(self):
+        clients = [StreamClient(self.port, f"topic=t{n % 7}") for n in range(300)]
+        self.addCleanup(lambda: [client.close() for client in clients])
+        self.subscribed(300)
+        idle = socket.create_connection(("127.0.0.1", self.port))   # idle keep-alive
+        self.addCleanup(idle.close)
+        started = time.monotonic()
+        self.server.shutdown()
+        self.assertLess(time.monotonic() - started, 2.0)
+        for client in clients[:20]:
+            client.read_to_end()
+            self.assertTrue(client.ended)
+
+
+class CommandLineTests(unittest.TestCase):
+    def test_help_documents_every_option(self):
+        output = subprocess.run([sys.executable, os.path.join(HERE, "sse_server.py"), "--help"],
+                                capture_output=True, text=True, timeout=WAIT_S).stdout
+        for option in ("--host", "--port", "--static", "--heartbeat", "--queue-size",
+                       "--max-body", "--publish-token", "--log-level", "--history",
+                       "--history-ttl", "--max-topics", "--max-clients", "--write-timeout",
+                       "--request-timeout", "--retry"):
+            self.assertIn(option, output)
+
+    def test_bad_option_value_is_refused(self):
+        process = subprocess.run(
+            [sys.executable, os.path.join(HERE, "sse_server.py"), "--queue-size", "0"],
+            capture_output=True, text=True, timeout=WAIT_S)
+        self.assertEqual(process.returncode, 2)
+        self.assertIn("--queue-size must be greater than 0", process.stderr)
+
+    def test_runs_prints_url_and_stops_on_sigterm(self):
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sse_server.py"), "--port", "0",
+             "--log-level", "warning"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            line = process.stdout.readline()
+            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+            self.assertTrue(match, line)
+            client = StreamClient(int(match.group(1)), "topic=cli")
+            self.addCleanup(client.close)
+            while "connected" not in client.parser.comments:
+                client.pump()
+            started = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            self.assertEqual(process.wait(timeout=WAIT_S), 0)
+            self.assertLess(time.monotonic() - started, 2.0)
+            client.read_to_end()
+            self.assertTrue(client.ended)
+            self.assertNotIn("Traceback", process.stderr.read())
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stdout.close()
+            process.stderr.close()
+
+
+if __name__ == "__main__":
+    unittest.main()
