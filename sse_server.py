@@ -46,6 +46,7 @@ import queue
 import random
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sys
@@ -383,11 +384,12 @@ def encode_data(data: object) -> str:
 
 class StreamEnd(NamedTuple):
     """Put into a subscriber's queue to end its stream."""
-    reason: str         # SHUTDOWN or DROPPED
+    reason: str
 
 
-SHUTDOWN = StreamEnd("shutdown")
-DROPPED = StreamEnd("dropped")
+SHUTDOWN = StreamEnd("shutdown")        # the server is stopping: say goodbye
+DROPPED = StreamEnd("dropped")          # too slow: the broker gave up on it
+CLIENT_GONE = StreamEnd("client gone")  # the client hung up
 
 
 class Published(NamedTuple):
@@ -576,6 +578,11 @@ class Broker:
             frames.insert(0, format_reset_event(reason, last_event_id))
         return frames
 
+    def count_dropped(self) -> None:
+        """Count a subscriber dropped by its connection (write timeout)."""
+        with self._lock:
+            self.clients_dropped += 1
+
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
             self._remove_locked(subscriber)
@@ -683,6 +690,9 @@ class _ClientGone(Exception):
     """The client closed the connection in the middle of its request."""
 
 
+_REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
+
+
 class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     """Routes requests; streams events for GET /events."""
 
@@ -720,6 +730,14 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _dispatch(self) -> None:
         try:
+            if not _REQUEST_TARGET.fullmatch(self.path):
+                self.close_connection = True
+                raise BadRequest("request target must be printable ASCII (percent-encode the rest)")
+            # http.client parses headers leniently; a line without a colon or a
+            # folded header (obs-fold) is a malformed request (RFC 9112).
+            if self.headers.defects or any("\n" in value for value in self.headers.values()):
+                self.close_connection = True
+                raise BadRequest("malformed header section")
             url = urllib.parse.urlsplit(self.path)
             length = self._content_length()
             self._body_pending = length > 0
@@ -864,10 +882,14 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._chunked = self.request_version != "HTTP/1.0"
         with self._stream_lock:
             self._stream_open = True
-        self.server.stream_started(self.connection)
+        self.server.stream_started(self.connection, lambda: subscriber.queue.put(CLIENT_GONE))
         try:
             self._stream(subscriber, replay)
-        except OSError as error:    # peer gone, write timeout, or cut by the broker
+        except socket.timeout:
+            self.server.broker.count_dropped()
+            logger.warning("dropped %s: it accepted no bytes for %ss (--write-timeout)",
+                           self.address_string(), self.server.write_timeout_s)
+        except OSError as error:    # peer gone, or cut by the broker or shutdown
             logger.debug("stream to %s ended: %r", self.address_string(), error)
         finally:
             self.server.broker.unsubscribe(subscriber)
@@ -922,7 +944,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 self._send_all(self._frame(format_retry(random.randint(low, high))) +
                                (LAST_CHUNK if self._chunked else b""))
                 return
-            if item is DROPPED:
+            if item is DROPPED or item is CLIENT_GONE:
                 return
 
     def _frame(self, payload: bytes) -> bytes:
@@ -939,6 +961,86 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 batch, size = [], 0
         if batch:
             self._send_all(self._frame(b"".join(batch)))
+
+
+class HangupWatcher:
+    """One thread that notices when stream clients hang up.
+
+    A stream's thread only learns its client left when a write fails, which
+    can take two heartbeats. Watching every stream socket for EOF in one
+    selector frees the thread and its --max-clients slot at once. Streams
+    never read after their request, so a readable stream socket means EOF,
+    a reset, or bytes the client should not have sent; MSG_PEEK tells which.
+    Without MSG_DONTWAIT (Windows) it does nothing and heartbeats do the job.
+    """
+
+    def __init__(self):
+        # _lock guards the selector's registrations and _thread; select()
+        # itself runs unlocked so watch() and forget() never wait on it.
+        self._lock = threading.Lock()
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._thread: Optional[threading.Thread] = None
+        self._wakeup: Optional[tuple[socket.socket, socket.socket]] = None
+        self._closed = False
+
+    def watch(self, sock: socket.socket, on_hangup: Callable[[], None]) -> None:
+        if not hasattr(socket, "MSG_DONTWAIT"):
+            return
+        with self._lock:
+            if self._closed:
+                return
+            if self._thread is None:
+                self._selector = selectors.DefaultSelector()
+                self._wakeup = socket.socketpair()
+                self._selector.register(self._wakeup[0], selectors.EVENT_READ, None)
+                self._thread = threading.Thread(target=self._run, name="hangup-watcher",
+                                                daemon=True)
+                self._thread.start()
+            self._selector.register(sock, selectors.EVENT_READ, on_hangup)
+
+    def forget(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._selector is not None:
+                try:
+                    self._selector.unregister(sock)
+                except (KeyError, ValueError):
+                    pass    # never watched, or already reported
+
+    def _run(self) -> None:
+        while True:
+            ready = self._selector.select()
+            hung_up = []
+            with self._lock:
+                if self._closed:
+                    break
+                for key, _ in ready:
+                    if key.data is None or self._selector.get_map().get(key.fd) is not key:
+                        continue    # the wake-up socket, or forgotten meanwhile
+                    try:
+                        peeked = key.fileobj.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue    # a stale readiness report
+                    except OSError:
+                        peeked = b""    # reset by the peer
+                    self._selector.unregister(key.fileobj)
+                    if not peeked:
+                        hung_up.append(key.data)
+            for on_hangup in hung_up:
+                on_hangup()
+        self._selector.close()
+        for sock in self._wakeup:
+            sock.close()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            if thread is not None:
+                self._wakeup[1].send(b"x")
+        if thread is not None:
+            thread.join()
 
 
 # --- Server ---------------------------------------------------------------------------
@@ -981,6 +1083,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self._streams: set[socket.socket] = set()
         self._handler_threads = 0
         self._serving = False
+        self._hangups = HangupWatcher()
         super().__init__(server_address, handler_class, bind_and_activate)
 
     @property
@@ -1025,11 +1128,13 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_threads -= 1
             self._handler_done.notify_all()
 
-    def stream_started(self, connection: socket.socket) -> None:
+    def stream_started(self, connection: socket.socket, on_hangup: Callable[[], None]) -> None:
+        self._hangups.watch(connection, on_hangup)
         with self._connections_lock:
             self._streams.add(connection)
 
     def stream_ended(self, connection: socket.socket) -> None:
+        self._hangups.forget(connection)    # before the socket is closed
         with self._connections_lock:
             self._streams.discard(connection)
             self._handler_done.notify_all()
@@ -1058,6 +1163,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         _shutdown_sockets(stuck, socket.SHUT_RDWR)
         with self._connections_lock:
             self._handler_done.wait_for(lambda: self._handler_threads == 0, timeout=0.5)
+        self._hangups.close()
 
 
 def _shutdown_sockets(sockets: Iterable[socket.socket], how: int) -> None:

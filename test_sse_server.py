@@ -800,8 +800,11 @@ class ConcurrencyTests(ServerTestCase):
             self.assertEqual(sequence, sorted(sequence))
 
     def test_clients_come_and_go_without_leaks(self):
-        self.server.heartbeat_s = 0.05
+        warm_up = StreamClient(self.port, "topic=w")  # starts the hang-up watcher thread
+        warm_up.close()
+        self.subscribed(0)
         base_subscribers = self.server.broker.subscriber_count
+        wait_until(lambda: self.server.stats()["connections"] == 0, message="connections")
         base_threads = threading.active_count()
         clients = [StreamClient(self.port, f"topic=c{n % 5}") for n in range(50)]
         self.subscribed(50)
@@ -998,6 +1001,309 @@ class ShutdownTests(ServerTestCase):
         for client in clients[:20]:
             client.read_to_end()
             self.assertTrue(client.ended)
+
+
+# --- Replay and faults ----------------------------------------------------------------------
+
+class ReplayTests(ServerTestCase):
+    def publish_many(self, topic, count, prefix=""):
+        return [self.server.broker.publish(topic, f"{prefix}{n}").id for n in range(count)]
+
+    def test_replay_missed_events_then_live(self):
+        client = self.subscribe("topic=r")
+        self.subscribed(1)
+        ids = self.publish_many("r", 3)
+        seen = client.take(3)
+        client.close()
+        self.subscribed(0)
+        missed = self.publish_many("r", 4, prefix="missed")
+        again = self.subscribe("topic=r", headers=[f"Last-Event-ID: {seen[-1].id}"])
+        self.subscribed(1)
+        self.publish_many("r", 2, prefix="live")
+        events = again.take(6)
+        self.assertEqual([e.data for e in events],
+                         ["missed0", "missed1", "missed2", "missed3", "live0", "live1"])
+        self.assertEqual([e.id for e in events[:4]], missed)
+        self.assertNotIn("reset", [e.type for e in events])
+        with self.assertRaises(AssertionError):
+            again.next_event(timeout=0.05)
+        self.assertEqual(ids[-1], seen[-1].id)
+
+    def test_multi_topic_replay_in_global_order(self):
+        first = self.server.broker.publish("x", "x0").id
+        for n in range(1, 7):
+            self.server.broker.publish("xyz"[n % 3], f"{'xyz'[n % 3]}{n}")
+        client = self.subscribe(f"topic=x&topic=y&lastEventId={first}")
+        self.assertEqual([e.data for e in client.take(4)], ["y1", "x3", "y4", "x6"])
+
+    def test_header_wins_over_query_parameter(self):
+        ids = self.publish_many("h", 3)
+        client = self.subscribe(f"topic=h&lastEventId={ids[0]}",
+                                headers=[f"Last-Event-ID: {ids[1]}"])
+        self.assertEqual(client.next_event().data, "2")
+
+    def test_foreign_stale_and_garbage_ids_reset_then_full_replay(self):
+        self.publish_many("g", 3)
+        for stale in ("deadbeef-2", "not-an-id", "%FF", f"{self.server.broker.run_id}-999"):
+            with self.subTest(id=stale):
+                client = self.subscribe(f"topic=g&lastEventId={urllib.parse.quote(stale)}")
+                reset, *events = client.take(4)
+                self.assertEqual(reset.type, "reset")
+                info = json.loads(reset.data)
+                self.assertEqual((info["reason"], info["lastEventId"]),
+                                 ("unknown-id", stale))
+                self.assertEqual([e.data for e in events], ["0", "1", "2"])
+                client.close()
+
+    def test_history_window_exceeded_resets(self):
+        self.server.broker.history_size = 5
+        ids = self.publish_many("w", 10)
+        client = self.subscribe("topic=w", headers=[f"Last-Event-ID: {ids[1]}"])
+        reset, *events = client.take(6)
+        self.assertEqual(json.loads(reset.data)["reason"], "history-exceeded")
+        self.assertEqual([e.data for e in events], ["5", "6", "7", "8", "9"])
+
+    def test_publish_and_stats_report_ids(self):
+        result = publish_form(self.port, topic="s", data="x")
+        self.assertEqual(result["id"], f"{self.server.broker.run_id}-1")
+        stats = json.loads(http_request(self.port, "GET", "/stats")[2])
+        self.assertEqual(stats["last_event_id"], result["id"])
+
+    def test_history_bound_keeps_memory_bounded(self):
+        import tracemalloc
+        broker = Broker(history_size=200)
+        tracemalloc.start()
+        try:
+            for n in range(200):
+                broker.publish("m", f"{n:08d}" * 10)
+            filled = tracemalloc.get_traced_memory()[0]
+            for n in range(2000):       # ten times the history
+                broker.publish("m", f"{n:08d}" * 10)
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        self.assertEqual(broker.stats()["events_retained"], 200)
+        self.assertLess(after - filled, 20_000)
+
+
+class ChurnTests(ServerTestCase):
+    server_options = {"history_size": 10_000}
+    EVENTS = 5000
+    SUBSCRIBERS = 10
+
+    def test_no_loss_while_subscribers_are_cut_and_reconnect(self):
+        results = {}
+        errors = []
+        all_connected = threading.Barrier(self.SUBSCRIBERS + 1, timeout=WAIT_S)
+        rng = random.Random(7)
+
+        def follow(n):
+            got, last_id, connections = [], None, 0
+            try:
+                while len(got) < self.EVENTS:
+                    headers = [f"Last-Event-ID: {last_id}"] if last_id else []
+                    client = StreamClient(self.port, "topic=churn", headers=headers)
+                    connections += 1
+                    if connections == 1:
+                        all_connected.wait()
+                    quota = rng.randint(50, 400)
+                    try:
+                        for _ in range(quota):
+                            event = client.next_event(timeout=WAIT_S)
+                            got.append(event.data)
+                            last_id = event.id
+                            if len(got) == self.EVENTS:
+                                break
+                    except AssertionError:
+                        if not client.closed:
+                            raise
+                    finally:
+                        client.close()      # client-side cut
+            except Exception as error:      # reported by the main thread
+                errors.append((n, error))
+            results[n] = (got, connections)
+
+        def cutter(stop):
+            while not stop.wait(0.02):      # server-side cuts, at random
+                with self.server._connections_lock:
+                    streams = list(self.server._streams)
+                if streams:
+                    with contextlib.suppress(OSError):
+                        rng.choice(streams).shutdown(socket.SHUT_RDWR)
+
+        followers = [threading.Thread(target=follow, args=(n,)) for n in range(self.SUBSCRIBERS)]
+        for thread in followers:
+            thread.start()
+        all_connected.wait()
+        self.subscribed(self.SUBSCRIBERS)
+        stop = threading.Event()
+        cutting = threading.Thread(target=cutter, args=(stop,))
+        cutting.start()
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        for n in range(self.EVENTS):
+            connection.request("POST", "/publish?topic=churn", body=str(n))
+            connection.getresponse().read()
+        connection.close()
+        for thread in followers:
+            thread.join(60)
+        stop.set()
+        cutting.join(WAIT_S)
+        self.assertEqual(errors, [])
+        expected = [str(n) for n in range(self.EVENTS)]
+        for n, (got, connections) in results.items():
+            self.assertEqual(got, expected, f"subscriber {n}")
+            self.assertGreater(connections, 5, f"subscriber {n} was hardly cut")
+
+
+class WriteTimeoutTests(ServerTestCase):
+    server_options = {"write_timeout_s": 0.3, "queue_size": 100_000}
+
+    def test_client_that_stops_reading_is_dropped(self):
+        stuck = self.subscribe("topic=t", recv_buffer=4096)
+        reader = self.subscribe("topic=t")
+        self.subscribed(2)
+        payload = "y" * 60_000
+        sent = 0
+        while self.server.broker.subscriber_count == 2:
+            self.assertLess(sent, 3000, "the stuck client was never dropped")
+            self.server.broker.publish("t", payload)
+            sent += 1
+            reader.next_event()
+        self.subscribed(1)
+        self.assertEqual(self.server.stats()["clients_dropped"], 1)
+        self.server.broker.publish("t", "still flowing")
+        self.assertEqual(reader.next_event().data, "still flowing")
+        self.assertTrue(any("write-timeout" in r.getMessage() for r in SERVER_LOG.records))
+
+
+class RequestTimeoutTests(ServerTestCase):
+    server_options = {"request_timeout_s": 0.5, "heartbeat_s": 0.1}
+
+    def assert_closed_within(self, sock, seconds):
+        started = time.monotonic()
+        sock.settimeout(WAIT_S)
+        with contextlib.suppress(ConnectionResetError):
+            while sock.recv(4096):
+                pass
+        self.assertLess(time.monotonic() - started, seconds)
+
+    def test_silent_client_is_dropped(self):
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            self.assert_closed_within(sock, 3)
+
+    def test_slowloris_is_dropped_though_bytes_keep_coming(self):
+        with socket.create_connection(("127.0.0.1", self.port)) as sock:
+            sock.sendall(b"GET /events?topic=t HTTP/1.1\r\n")
+            started = time.monotonic()
+            with contextlib.suppress(OSError):
+                for _ in range(100):         # a header byte every 50 ms, never finishing
+                    sock.sendall(b"X")
+                    time.sleep(0.05)
+            self.assertLess(time.monotonic() - started, 3)
+            self.assert_closed_within(sock, 3)
+
+    def test_open_stream_has_no_timeout(self):
+        client = self.subscribe()
+        # Outlive the request timeout several times over; heartbeats keep coming.
+        wait_until(lambda: client.pump(0.5) and client.parser.comments.count("heartbeat") >= 15)
+        self.assertFalse(client.closed)
+        self.server.broker.publish("t", "late")
+        self.assertEqual(client.next_event().data, "late")
+
+
+class MaxClientsTests(ServerTestCase):
+    server_options = {"max_clients": 2}
+
+    def test_over_the_limit_gets_503_existing_untouched(self):
+        first, second = self.subscribe(), self.subscribe()
+        self.subscribed(2)
+        status, headers, body = http_request(self.port, "GET", "/events?topic=t")
+        self.assertEqual(status, 503)
+        self.assertEqual(headers["Retry-After"], "5")
+        self.assertIn(b"too many subscribers", body)
+        self.server.broker.publish("t", "x")
+        self.assertEqual((first.next_event().data, second.next_event().data), ("x", "x"))
+        first.close()
+        self.subscribed(1)
+        self.assertEqual(self.subscribe().status, 200)
+
+
+class FuzzTests(ServerTestCase):
+    """Hundreds of malformed requests while a subscriber listens and events flow."""
+
+    server_options = {"request_timeout_s": 1.0}
+
+    def malformed_requests(self, rng):
+        good = b"POST /publish?topic=fz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        yield good[:rng.randint(1, len(good) - 1)]                   # truncated anywhere
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nContent-Length: 50\r\n\r\nshort"
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nContent-Length: 2\r\n\r\nlonger body"
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nContent-Length: ten\r\n\r\nx"
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nContent-Length: -1\r\n\r\nx"
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx"
+        yield b"POST /publish?topic=fz HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n"
+        yield b"GET /events?topic=%zz HTTP/1.1\r\n\r\n"
+        yield b"GET /events?topic=%ff%fe HTTP/1.1\r\n\r\n"
+        yield b"GET /events?topic=\xff\xfe HTTP/1.1\r\n\r\n"
+        yield b"GET /events?topic=a%00b HTTP/1.1\r\n\r\n"
+        yield b"GET /events?topic=a%0D%0Ab HTTP/1.1\r\n\r\n"
+        yield b"POST /publish?topic=fz&event=x%0D%0Ay HTTP/1.1\r\nContent-Length: 0\r\n\r\n"
+        yield (b"POST /publish HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               b"Content-Length: 12\r\n\r\ntopic=fz&d=\xff")
+        yield (b"POST /publish HTTP/1.1\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+               b"Content-Length: 11\r\n\r\ntopic=%%%zz")
+        yield b"GET / HTTP/1.1\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n"
+        yield b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: y\r\n" % i for i in range(150)) + b"\r\n"
+        yield b"GET /" + b"a" * 70_000 + b" HTTP/1.1\r\n\r\n"
+        yield b"FROB /events HTTP/1.1\r\n\r\n"
+        yield b"get /events HTTP/1.1\r\n\r\n"
+        yield bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300)))
+        yield b"\r\n\r\n\r\n"
+        yield b"GET /events?topic=t HTTP/1.1\r\nLast-Event-ID: " + b"\x00\x01" * 10 + b"\r\n\r\n"
+        yield b"GET\x00/ HTTP/1.1\r\n\r\n"
+        yield b"GET / HTTP/1.1\r\nBad Header Line\r\n\r\n"
+        yield b"GET / HTTP/1.1\r\nHost: x\r\n folded\r\n\r\n"
+        yield b"GET / HTTP/1.1\r\n lead: x\r\nHost: y\r\n\r\n"
+        yield b""                                                      # connect, close
+
+    def test_malformed_requests_get_clean_answers(self):
+        subscriber = self.subscribe("topic=fz")
+        self.subscribed(1)
+        rng = random.Random(1234)
+        statuses = collections.Counter()
+        published = accepted_publishes = 0
+        for round_number in range(12):
+            for request in self.malformed_requests(rng):
+                answer = raw_exchange(self.port, request)
+                if not answer:
+                    statuses["closed"] += 1
+                    continue
+                status = status_of(answer)
+                statuses[status] += 1
+                if status == 200:
+                    # Only a prefix that is itself a valid request may succeed: a
+                    # publish whose Content-Length cut the body short, or a stream
+                    # whose garbage Last-Event-ID gets a reset.
+                    if request.startswith(b"POST /publish?topic=fz "):
+                        accepted_publishes += 1
+                    else:
+                        self.assertTrue(request.startswith(b"GET /events?topic=t "), request)
+                        self.assertIn(b"event: reset", answer)
+                else:
+                    self.assertTrue(400 <= status < 500 or status in (501, 505),
+                                    (request[:80], answer[:200]))
+            self.server.broker.publish("fz", f"event {round_number}")
+            published += 1
+        self.assertGreater(sum(statuses.values()), 300)
+        self.assertGreater(statuses[400], 50)
+        self.assertGreater(statuses[501], 0)
+        self.assertGreater(statuses[431], 0)
+        self.assertGreater(statuses["closed"], 0)
+        events = [e.data for e in subscriber.take(published + accepted_publishes)
+                  if e.data.startswith("event ")]
+        self.assertEqual(events, [f"event {n}" for n in range(published)])
+        self.assertEqual(SERVER_LOG.tracebacks(), [])
+        self.assertEqual(self.server.broker.subscriber_count, 1)
 
 
 class CommandLineTests(unittest.TestCase):
