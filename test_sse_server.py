@@ -1306,6 +1306,243 @@ class FuzzTests(ServerTestCase):
         self.assertEqual(self.server.broker.subscriber_count, 1)
 
 
+# --- A real browser --------------------------------------------------------------------------
+
+CHROMIUM = next((path for path in (os.environ.get("SSE_CHROMIUM"), "/usr/bin/chromium",
+                                   "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
+                 if path and os.path.exists(path)), None)
+REQUIRE_BROWSER = os.environ.get("SSE_REQUIRE_BROWSER") == "1"
+
+
+def read_text(path) -> str:
+    """The file's text, or "" while it does not exist yet."""
+    try:
+        with open(path) as file:
+            return file.read()
+    except FileNotFoundError:
+        return ""
+
+
+class DevTools:
+    """Just enough of a WebSocket client (RFC 6455) to speak the Chrome
+    DevTools protocol: masked text frames out, unmasked frames in."""
+
+    def __init__(self, ws_url):
+        import base64
+        url = urllib.parse.urlsplit(ws_url)
+        self.sock = socket.create_connection((url.hostname, url.port), timeout=WAIT_S)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall((f"GET {url.path} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                           "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                           f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+                           ).encode())
+        self._buffer = b""
+        while b"\r\n\r\n" not in self._buffer:
+            self._buffer += self._recv_some()
+        head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise AssertionError(f"DevTools refused the WebSocket: {head!r}")
+        self._next_id = 0
+        self.events: list[dict] = []
+
+    def _recv_some(self) -> bytes:
+        data = self.sock.recv(1 << 16)
+        if not data:
+            raise ConnectionError("DevTools closed the connection")
+        return data
+
+    def _read(self, size) -> bytes:
+        while len(self._buffer) < size:
+            self._buffer += self._recv_some()
+        data, self._buffer = self._buffer[:size], self._buffer[size:]
+        return data
+
+    def _send_frame(self, opcode, payload: bytes) -> None:
+        mask = os.urandom(4)
+        size = len(payload)
+        if size < 126:
+            header = bytes([0x80 | opcode, 0x80 | size])
+        elif size < 1 << 16:
+            header = bytes([0x80 | opcode, 0x80 | 126]) + size.to_bytes(2, "big")
+        else:
+            header = bytes([0x80 | opcode, 0x80 | 127]) + size.to_bytes(8, "big")
+        masked = bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+        self.sock.sendall(header + mask + masked)
+
+    def _receive_message(self) -> dict:
+        message = b""
+        while True:
+            first, second = self._read(2)
+            size = second & 0x7F
+            if size == 126:
+                size = int.from_bytes(self._read(2), "big")
+            elif size == 127:
+                size = int.from_bytes(self._read(8), "big")
+            payload = self._read(size)
+            opcode = first & 0x0F
+            if opcode == 0x9:
+                self._send_frame(0xA, payload)      # ping -> pong
+                continue
+            if opcode == 0x8:
+                raise ConnectionError("DevTools closed the WebSocket")
+            message += payload
+            if first & 0x80:
+                return json.loads(message)
+
+    def call(self, method, **params):
+        self._next_id += 1
+        self._send_frame(0x1, json.dumps({"id": self._next_id, "method": method,
+                                          "params": params}).encode())
+        while True:
+            message = self._receive_message()
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise AssertionError(f"{method}: {message['error']}")
+                return message["result"]
+            self.events.append(message)
+
+    def evaluate(self, expression):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in result:
+            raise AssertionError(f"page script failed: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def close(self):
+        self.sock.close()
+
+
+@unittest.skipUnless(CHROMIUM or REQUIRE_BROWSER,
+                     "Chromium not found (apt-get install chromium); "
+                     "set SSE_REQUIRE_BROWSER=1 to make this a failure")
+class BrowserTests(unittest.TestCase):
+    """The demo page in headless Chromium: open, events, two topics, reconnect, replay."""
+
+    PAGE_EVENTS = ("JSON.stringify([...document.querySelectorAll('#events li')].reverse()"
+                   ".map(li => [li.dataset.type, li.dataset.id,"
+                   " li.querySelector('.data').textContent]))")
+
+    def setUp(self):
+        if not CHROMIUM:
+            self.fail("SSE_REQUIRE_BROWSER=1 but no Chromium was found")
+        self.baseline_threads = threading.active_count()
+        self.server = self.start_server(0)
+        self.port = self.server.server_address[1]
+        self.profile = tempfile.mkdtemp(prefix="sse-chromium-")
+        self.addCleanup(__import__("shutil").rmtree, self.profile, ignore_errors=True)
+        self.browser = subprocess.Popen(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+             "--no-first-run", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--disable-extensions", "--window-size=1100,900",
+             f"--user-data-dir={self.profile}", "--remote-debugging-port=0",
+             "--remote-debugging-address=127.0.0.1", "about:blank"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        self.addCleanup(self.stop_browser)
+        port_file = os.path.join(self.profile, "DevToolsActivePort")
+        wait_until(lambda: read_text(port_file).count("\n") >= 1,
+                   timeout=20, message="Chromium's DevTools port")
+        with open(port_file) as file:
+            devtools_port = int(file.readline())
+        targets = json.loads(http_request(devtools_port, "GET", "/json/list")[2])
+        page = next(target for target in targets if target["type"] == "page")
+        self.devtools = DevTools(page["webSocketDebuggerUrl"])
+        self.addCleanup(self.devtools.close)
+        self.devtools.call("Log.enable")
+        self.devtools.call("Runtime.enable")
+
+    def start_server(self, port):
+        server = SSEServer(("127.0.0.1", port), retry_ms=1500, heartbeat_s=5)
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            thread.join(WAIT_S)
+        server.stop = stop
+        self.addCleanup(stop)
+        return server
+
+    def stop_browser(self):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.browser.pid, signal.SIGKILL)
+        self.browser.wait(WAIT_S)
+
+    def tearDown(self):
+        self.doCleanups()
+        wait_until(lambda: threading.active_count() <= self.baseline_threads,
+                   message="threads to end")
+
+    def page_events(self):
+        return json.loads(self.devtools.evaluate(self.PAGE_EVENTS))
+
+    def wait_for_state(self, state):
+        wait_until(lambda: self.devtools.evaluate(
+            "document.getElementById('state')?.dataset.state") == state,
+            timeout=WAIT_S, message=f"page state {state}")
+
+    def wait_for_events(self, count):
+        wait_until(lambda: len(self.page_events()) >= count, message=f"{count} events on the page")
+        events = self.page_events()
+        self.assertEqual(len(events), count, events)
+        return events
+
+    def test_demo_page_receives_reconnects_and_replays(self):
+        started = time.monotonic()
+        self.devtools.call("Page.navigate",
+                           url=f"http://127.0.0.1:{self.port}/?topics=news,sport&types=greeting")
+        self.wait_for_state("open")
+        self.assertEqual(self.server.broker.subscriber_count, 1)   # one connection, two topics
+        broker = self.server.broker
+        first = broker.publish("news", "plain message").id
+        broker.publish("news", "h\u00e9llo\nw\u00f6rld \u263a\r\nthird line", event="greeting")
+        third = broker.publish("sport", "2:1").id
+        self.assertEqual(self.wait_for_events(3), [
+            ["message", first, "plain message"],
+            ["greeting", f"{broker.run_id}-2", "h\u00e9llo\nw\u00f6rld \u263a\nthird line"],
+            ["message", third, "2:1"],
+        ])
+
+        # The network drops: the browser reconnects by itself with Last-Event-ID
+        # and gets what was published meanwhile, exactly once.
+        with self.server._connections_lock:
+            streams = list(self.server._streams)
+        for stream in streams:
+            stream.shutdown(socket.SHUT_RDWR)
+        self.wait_for_state("reconnecting")
+        missed = [broker.publish("news", f"missed {n}").id for n in range(2)]
+        self.wait_for_state("open")
+        broker.publish("sport", "live again")
+        events = self.wait_for_events(6)
+        self.assertEqual([e[2] for e in events[3:]], ["missed 0", "missed 1", "live again"])
+        self.assertEqual([e[1] for e in events[3:5]], missed)
+
+        # The server restarts on the same port: the browser comes back by itself;
+        # the new run does not know its id, so it says `reset` and replays all
+        # it retains: the events published while the browser was away.
+        self.server.stop()
+        self.wait_for_state("reconnecting")
+        self.server = self.start_server(self.port)
+        away = [self.server.broker.publish("news", f"while away {n}").id for n in range(2)]
+        self.wait_for_state("open")
+        events = self.wait_for_events(9)
+        self.assertEqual(events[6][0], "reset")
+        self.assertEqual(json.loads(events[6][2])["reason"], "unknown-id")
+        self.assertEqual(events[7:], [["message", away[0], "while away 0"],
+                                      ["message", away[1], "while away 1"]])
+
+        screenshot = self.devtools.call("Page.captureScreenshot", format="png")["data"]
+        folder = os.environ.get("SSE_SCREENSHOT_DIR") or tempfile.mkdtemp(prefix="sse-shot-")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, "demo-page.png")
+        with open(path, "wb") as file:
+            file.write(__import__("base64").b64decode(screenshot))
+        print(f"\n    screenshot of the demo page: {path}", file=sys.stderr)
+        csp_errors = [e for e in self.devtools.events if e.get("method") == "Log.entryAdded"
+                      and "Content Security Policy" in e["params"]["entry"]["text"]]
+        self.assertEqual(csp_errors, [])
+        self.assertLess(time.monotonic() - started, 30)
+
+
 class CommandLineTests(unittest.TestCase):
     def test_help_documents_every_option(self):
         output = subprocess.run([sys.executable, os.path.join(HERE, "sse_server.py"), "--help"],
