@@ -33,13 +33,19 @@ dropped, so a slow client can only ever hurt itself.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
+import contextlib
+import hashlib
 import hmac
+import http.client
+import http.cookies
 import http.server
 import io
 import ipaddress
 import json
 import logging
+import math
 import mimetypes
 import os
 import queue
@@ -61,7 +67,7 @@ __all__ = [
     "HTTPError", "format_event", "format_comment", "format_retry",
     "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
-    "check_publish_access", "main",
+    "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
 ]
 
 __version__ = "1.0"
@@ -83,6 +89,10 @@ MAX_TOPIC_CHARS = 128
 MAX_TOPICS_PER_REQUEST = 32
 MAX_EVENT_NAME_CHARS = 128
 MAX_QUERY_FIELDS = 100
+MAX_HEADER_BYTES = 32 * 1024    # request line excluded: all header lines together
+MAX_TOKEN_BYTES = 8192          # longest JWT accepted
+JWT_LEEWAY_S = 30               # clock skew allowed on exp and nbf
+JWT_COOKIE = "sse_token"        # cookie read for a JWT (EventSource withCredentials)
 RETRY_AFTER_S = 5               # Retry-After sent with 503 when full
 SHUTDOWN_GRACE_S = 1.5          # time streams get to say goodbye before sockets are cut
 SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
@@ -126,8 +136,9 @@ class BadRequest(HTTPError):
 class Unauthorized(HTTPError):
     status = HTTPStatus.UNAUTHORIZED
 
-    def __init__(self, reason: str):
-        super().__init__(reason, headers=[("WWW-Authenticate", "Bearer")])
+    def __init__(self, reason: str, error: Optional[str] = None):
+        challenge = f'Bearer error="{error}"' if error else "Bearer"
+        super().__init__(reason, headers=[("WWW-Authenticate", challenge)])
 
 
 class Forbidden(HTTPError):
@@ -149,6 +160,13 @@ class MethodNotAllowed(HTTPError):
 
 class PayloadTooLarge(HTTPError):
     status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+
+
+class TooManyRequests(HTTPError):
+    status = HTTPStatus.TOO_MANY_REQUESTS
+
+    def __init__(self, reason: str, retry_after_s: int):
+        super().__init__(reason, headers=[("Retry-After", str(retry_after_s))])
 
 
 class ServiceUnavailable(HTTPError):
@@ -347,6 +365,8 @@ def resolve_static_path(root: str, url_path: str) -> Optional[str]:
     return candidate
 
 
+# --- Access control: publish token, JWT (HS256), topic selectors, rate limits ---
+
 def is_loopback(host: str) -> bool:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -356,19 +376,177 @@ def is_loopback(host: str) -> bool:
     return (mapped or address).is_loopback
 
 
-def check_publish_access(client_host: str, authorization: Optional[str],
-                         publish_token: Optional[str]) -> None:
-    """With a token: require `Authorization: Bearer <token>`. Without one:
-    only loopback clients may publish, so --host 0.0.0.0 never opens
-    publishing to the network by accident."""
-    if publish_token:
-        scheme, _, credentials = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-                credentials.strip().encode("utf-8"), publish_token.encode("utf-8")):
+def _b64url_decode(part: str) -> bytes:
+    """Strict base64url without padding, as JWTs use it."""
+    if not _BASE64URL.fullmatch(part) or len(part) % 4 == 1:
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+_BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
+
+
+def decode_jwt(token: str, secret: bytes, *, now: float, leeway_s: float = JWT_LEEWAY_S) -> dict:
+    """Verify an HS256 JSON Web Token and return its claims.
+
+    Only alg HS256 is accepted (never "none", never an algorithm the token
+    picks); `exp` and `nbf` are enforced with `leeway_s` of clock skew."""
+    if len(token) > MAX_TOKEN_BYTES:
+        raise Unauthorized(f"token longer than {MAX_TOKEN_BYTES} bytes", error="invalid_token")
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise Unauthorized("malformed token", error="invalid_token")
+    try:
+        header = json.loads(_b64url_decode(parts[0]))
+        claims = json.loads(_b64url_decode(parts[1]))
+        signature = _b64url_decode(parts[2])
+    except ValueError:      # bad base64, bad UTF-8 and bad JSON are all ValueErrors
+        raise Unauthorized("malformed token", error="invalid_token") from None
+    if not isinstance(header, dict) or header.get("alg") != "HS256":
+        raise Unauthorized("token algorithm must be HS256", error="invalid_token")
+    expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
+    if not hmac.compare_digest(signature, expected):
+        raise Unauthorized("bad token signature", error="invalid_token")
+    if not isinstance(claims, dict):
+        raise Unauthorized("token claims must be a JSON object", error="invalid_token")
+    for name in ("exp", "nbf"):
+        value = claims.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise Unauthorized(f"token claim {name} must be a number", error="invalid_token")
+    if claims.get("exp") is not None and now > claims["exp"] + leeway_s:
+        raise Unauthorized("token expired", error="invalid_token")
+    if claims.get("nbf") is not None and now + leeway_s < claims["nbf"]:
+        raise Unauthorized("token not valid yet", error="invalid_token")
+    return claims
+
+
+def encode_jwt(claims: dict, secret: bytes) -> str:
+    """Mint an HS256 token (for tests, tools and the README's example)."""
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    signing_input = (b64(json.dumps({"alg": "HS256", "typ": "JWT"}).encode()) + "." +
+                     b64(json.dumps(claims).encode()))
+    signature = hmac.new(secret, signing_input.encode("ascii"), hashlib.sha256).digest()
+    return signing_input + "." + b64(signature)
+
+
+def validate_selector(selector: str) -> str:
+    """A topic selector: "*", an exact topic, or a prefix ending in "*"."""
+    if selector != "*":
+        validate_topics([selector[:-1] if selector.endswith("*") else selector])
+    return selector
+
+
+def topic_allowed(selectors: Iterable[str], topic: str) -> bool:
+    for selector in selectors:
+        if selector == topic or selector == "*" or (
+                selector.endswith("*") and topic.startswith(selector[:-1])):
+            return True
+    return False
+
+
+def _claimed_selectors(claims: dict, action: str) -> list[str]:
+    scope = claims.get("sse")
+    selectors = scope.get(action) if isinstance(scope, dict) else None
+    if not isinstance(selectors, list):
+        return []
+    return [selector for selector in selectors if isinstance(selector, str)]
+
+
+class AccessPolicy:
+    """Who may subscribe to and publish on which topic. Pure: no sockets.
+
+    - Publishing: `Authorization: Bearer <publish_token>` always works when a
+      publish token is set. With a JWT secret, a token whose sse.publish
+      claim covers every target topic works too. With neither configured,
+      only loopback clients may publish.
+    - Subscribing: a topic matching a private pattern (or every topic, with
+      require_auth) needs a token whose sse.subscribe claim covers it."""
+
+    def __init__(self, *, publish_token: Optional[str] = None, jwt_secret: Optional[str] = None,
+                 private_topics: Iterable[str] = (), require_auth: bool = False,
+                 clock: Callable[[], float] = time.time):
+        self.publish_token = publish_token
+        self.jwt_secret = jwt_secret.encode("utf-8") if jwt_secret else None
+        self.private_topics = [validate_selector(pattern) for pattern in private_topics]
+        self.require_auth = require_auth
+        self._clock = clock
+        if (self.private_topics or require_auth) and not self.jwt_secret:
+            raise ValueError("private topics and require_auth need a JWT secret")
+
+    def _claims(self, token: Optional[str]) -> Optional[dict]:
+        if token is None or self.jwt_secret is None:
+            return None
+        return decode_jwt(token, self.jwt_secret, now=self._clock())
+
+    def check_subscribe(self, topics: Iterable[str], token: Optional[str]) -> Optional[float]:
+        """Raise 401/403 unless allowed; returns the token's `exp` when the
+        stream is allowed only because of the token (it must end then)."""
+        guarded = [t for t in topics if self.require_auth or topic_allowed(self.private_topics, t)]
+        claims = self._claims(token)            # a bad token is refused even for public topics
+        if not guarded:
+            return None
+        if claims is None:
+            raise Unauthorized(f"topic {guarded[0]!r} needs a token", error="invalid_token")
+        allowed = _claimed_selectors(claims, "subscribe")
+        for topic in guarded:
+            if not topic_allowed(allowed, topic):
+                raise Forbidden(f"the token does not allow subscribing to {topic!r}")
+        return claims.get("exp")
+
+    def check_publisher(self, client_host: str, bearer: Optional[str],
+                        token: Optional[str]) -> Optional[list[str]]:
+        """Who is publishing: raises 401/403, or returns the topic selectors
+        the publisher may use (None: every topic). Runs before the body is read."""
+        if self.publish_token and bearer is not None and hmac.compare_digest(
+                bearer.encode("utf-8"), self.publish_token.encode("utf-8")):
+            return None
+        if self.jwt_secret:
+            claims = self._claims(token)
+            if claims is None:
+                raise Unauthorized("publishing needs a token", error="invalid_token")
+            return _claimed_selectors(claims, "publish")
+        if self.publish_token:
             raise Unauthorized("publishing needs Authorization: Bearer <publish token>")
-    elif not is_loopback(client_host):
-        raise Forbidden("publishing is allowed from loopback only; start the server "
-                        "with --publish-token to publish from elsewhere")
+        if not is_loopback(client_host):
+            raise Forbidden("publishing is allowed from loopback only; start the server "
+                            "with --publish-token to publish from elsewhere")
+        return None
+
+    @staticmethod
+    def check_publish_topics(allowed: Optional[list[str]], topics: Iterable[str]) -> None:
+        if allowed is None:
+            return
+        for topic in topics:
+            if not topic_allowed(allowed, topic):
+                raise Forbidden(f"the token does not allow publishing to {topic!r}")
+
+
+class RateLimiter:
+    """Token bucket per key (client address): `rate_per_s` on average, bursts
+    of `burst`. Remembers at most `max_keys` keys, the least recent go first
+    (a forgotten key just starts again with a full bucket)."""
+
+    def __init__(self, rate_per_s: float, burst: int, *, max_keys: int = 10_000,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self.max_keys = max_keys
+        self._clock = clock
+        self._lock = threading.Lock()   # guards _buckets
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def acquire(self, key: str) -> float:
+        """Take one token: 0 if allowed, else the seconds until one is free."""
+        now = self._clock()
+        with self._lock:
+            tokens, stamp = self._buckets.pop(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - stamp) * self.rate_per_s)
+            wait = 0.0 if tokens >= 1 else (1 - tokens) / self.rate_per_s
+            self._buckets[key] = (tokens - 1 if wait == 0 else tokens, now)
+            while len(self._buckets) > self.max_keys:
+                self._buckets.popitem(last=False)
+        return wait
 
 
 def encode_data(data: object) -> str:
@@ -691,6 +869,41 @@ class _ClientGone(Exception):
 
 
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
+_TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])access_token=)[^&\s\"]*")
+CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
+
+
+def cors_headers(allowed_origins: list[str], origin: Optional[str]) -> list[tuple[str, str]]:
+    """CORS answer headers for a request from `origin`; none for other origins.
+    A listed origin may send credentials (cookies); "*" never may."""
+    if not allowed_origins:
+        return []
+    vary = [] if allowed_origins == ["*"] else [("Vary", "Origin")]
+    if origin and origin in allowed_origins:
+        return [("Access-Control-Allow-Origin", origin),
+                ("Access-Control-Allow-Credentials", "true"), *vary]
+    if "*" in allowed_origins:
+        return [("Access-Control-Allow-Origin", "*"), *vary]
+    return vary
+
+
+class _HeaderBudget:
+    """Wraps the request reader while headers are parsed: past `limit` bytes
+    it raises LineTooLong, which BaseHTTPRequestHandler answers with 431."""
+
+    def __init__(self, reader, limit: int):
+        self._reader = reader
+        self._left = limit
+
+    def readline(self, size: int = -1) -> bytes:
+        line = self._reader.readline(size)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("header section")
+        return line
+
+    def __getattr__(self, name):
+        return getattr(self._reader, name)
 
 
 class SSERequestHandler(http.server.BaseHTTPRequestHandler):
@@ -708,10 +921,16 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         "/stats": {"GET": "_handle_stats", "HEAD": "_handle_stats"},
     }
     static_methods = {"GET": "_handle_static", "HEAD": "_handle_static"}
+    cors_paths = ("/events", "/publish")
 
     def setup(self) -> None:
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.server.tls_context is not None:
+            # The handshake runs here, in this connection's thread, never in the
+            # accept loop: a plain-HTTP or stalled client only ties up itself.
+            self.connection.settimeout(self.server.request_timeout_s)
+            self.connection.do_handshake()
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
         self.wfile = _SocketWriter(self.connection)   # the base class flushes it
@@ -724,7 +943,18 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._reader.deadline = time.monotonic() + self.server.request_timeout_s
+        self._cors = []
         super().handle_one_request()
+
+    def parse_request(self) -> bool:
+        # The standard library caps each header line and the header count;
+        # this caps their total (a 431 like the others).
+        reader = self.rfile
+        self.rfile = _HeaderBudget(reader, self.server.max_header_bytes)
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = reader
 
     # Dispatch: every known method goes through _dispatch; others get 501.
 
@@ -739,13 +969,21 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 self.close_connection = True
                 raise BadRequest("malformed header section")
             url = urllib.parse.urlsplit(self.path)
+            if url.path in self.cors_paths:
+                self._cors = cors_headers(self.server.cors_origins, self.headers.get("Origin"))
             length = self._content_length()
             self._body_pending = length > 0
             methods = self.routes.get(url.path, self.static_methods)
             name = methods.get(self.command)
             if self.command == "OPTIONS":
-                self._respond(HTTPStatus.NO_CONTENT, b"",
-                              headers=[("Allow", ", ".join([*methods, "OPTIONS"]))])
+                allow = ", ".join([*methods, "OPTIONS"])
+                headers = [("Allow", allow)]
+                if any(name == "Access-Control-Allow-Origin" for name, _ in self._cors):
+                    # a CORS preflight from an allowed origin
+                    headers += [("Access-Control-Allow-Methods", allow),
+                                ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                                ("Access-Control-Max-Age", "600")]
+                self._respond(HTTPStatus.NO_CONTENT, b"", headers=headers)
             elif name is None:
                 if url.path not in self.routes and not self._static_path(url.path):
                     raise NotFound(f"no such resource: {url.path}")
@@ -795,7 +1033,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                  f"Server: {self.version_string()}", f"Date: {self.date_time_string()}"]
         if status != HTTPStatus.NO_CONTENT:
             lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
-        for name, value in headers:
+        for name, value in [*headers, *self._cors]:
             _check_field(name, value)
             lines.append(f"{name}: {value}")
         if self.close_connection:
@@ -829,7 +1067,26 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             pass    # the client is already gone
 
     def log_message(self, format: str, *args) -> None:
-        logger.info("%s %s", self.address_string(), format % args)
+        # Tokens in query strings (EventSource cannot send headers) never reach the log.
+        message = _TOKEN_IN_QUERY.sub(r"\1[redacted]", format % args)
+        logger.info("%s %s", self.address_string(), message)
+
+    def _bearer(self) -> Optional[str]:
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        return credentials.strip() if scheme.lower() == "bearer" else None
+
+    def _token(self, query: dict[str, list[str]]) -> Optional[str]:
+        """A JWT from the Authorization header, the cookie, or ?access_token=."""
+        token = self._bearer()
+        if token is None and "Cookie" in self.headers:
+            cookies = http.cookies.SimpleCookie()
+            try:
+                cookies.load(self.headers["Cookie"])
+            except http.cookies.CookieError:
+                pass
+            morsel = cookies.get(self.server.jwt_cookie)
+            token = morsel.value if morsel else None
+        return token or _single(query, "access_token")
 
     # Small endpoints
 
@@ -860,9 +1117,17 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # Publish
 
     def _handle_publish(self, url) -> None:
-        check_publish_access(self.client_address[0], self.headers.get("Authorization"),
-                             self.server.publish_token)
+        client_host = self.client_address[0]
+        if self.server.publish_limiter is not None:
+            wait_s = self.server.publish_limiter.acquire(client_host)
+            if wait_s:
+                raise TooManyRequests(f"publishing too fast from {client_host}; slow down",
+                                      retry_after_s=max(1, math.ceil(wait_s)))
+        access = self.server.access
+        allowed = access.check_publisher(client_host, self._bearer(),
+                                         self._token(parse_query(url.query)))
         request = parse_publish(url.query, self.headers.get("Content-Type"), self._read_body())
+        access.check_publish_topics(allowed, request.topics)
         result = self.server.broker.publish(request.topics, request.data,
                                             event=request.event, retry=request.retry)
         self._respond_json({"id": result.id, "topics": request.topics,
@@ -876,6 +1141,14 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         last_event_id = self.headers.get("Last-Event-ID") or _single(query, "lastEventId")
         if self._body_pending:
             raise BadRequest("GET /events takes no body")
+        expires = self.server.access.check_subscribe(topics, self._token(query))
+        # The stream ends when the token that allowed it expires (a monotonic deadline).
+        self._stream_deadline = (None if expires is None else
+                                 time.monotonic() + max(0.0, expires - time.time()))
+        with self.server.client_slot(self.client_address[0]):
+            self._subscribe_and_stream(topics, last_event_id)
+
+    def _subscribe_and_stream(self, topics: list[str], last_event_id: Optional[str]) -> None:
         subscriber, replay = self.server.broker.subscribe(
             topics, last_event_id=last_event_id, on_drop=self._cut_stream)
         self.close_connection = True    # the stream ends only by closing
@@ -914,7 +1187,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                    f"Server: {self.version_string()}", f"Date: {self.date_time_string()}",
                    f"Content-Type: {EVENT_STREAM_CONTENT_TYPE}",
                    "Cache-Control: no-cache", "X-Accel-Buffering: no",
-                   "Transfer-Encoding: chunked" if self._chunked else "Connection: close"]
+                   "Transfer-Encoding: chunked" if self._chunked else "Connection: close",
+                   *(f"{name}: {value}" for name, value in self._cors)]
         self.log_request(200)
         head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
         # First bytes at once, so EventSource fires `open` and proxies see a start.
@@ -923,12 +1197,21 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._write_frames(replay)
         self.rfile.close()      # nothing more is read from a stream: free its buffer
         heartbeat_s = self.server.heartbeat_s
+        deadline = self._stream_deadline
         queue_get = subscriber.queue.get
         while True:
+            timeout = heartbeat_s
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    self._end_stream(format_comment("token expired"))
+                    return
+                timeout = min(timeout, heartbeat_s)
             try:
-                item = queue_get(timeout=heartbeat_s)
+                item = queue_get(timeout=timeout)
             except queue.Empty:
-                self._send_all(self._frame(HEARTBEAT_COMMENT))
+                if deadline is None or time.monotonic() < deadline:
+                    self._send_all(self._frame(HEARTBEAT_COMMENT))
                 continue
             frames = []
             while not isinstance(item, StreamEnd):
@@ -940,12 +1223,14 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                     break
             self._write_frames(frames)
             if item is SHUTDOWN:
-                low, high = SHUTDOWN_RETRY_MS
-                self._send_all(self._frame(format_retry(random.randint(low, high))) +
-                               (LAST_CHUNK if self._chunked else b""))
+                self._end_stream(format_retry(random.randint(*SHUTDOWN_RETRY_MS)))
                 return
             if item is DROPPED or item is CLIENT_GONE:
                 return
+
+    def _end_stream(self, last_words: bytes) -> None:
+        """A clean end: last words, then the terminating chunk."""
+        self._send_all(self._frame(last_words) + (LAST_CHUNK if self._chunked else b""))
 
     def _frame(self, payload: bytes) -> bytes:
         return encode_chunk(payload) if self._chunked else payload
@@ -1057,10 +1342,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
     def __init__(self, server_address, *, static_dir: Optional[str] = None,
                  heartbeat_s: float = HEARTBEAT_S, retry_ms: int = RETRY_MS,
                  queue_size: int = QUEUE_SIZE, max_body_bytes: int = MAX_BODY_BYTES,
-                 publish_token: Optional[str] = None, history_size: int = HISTORY_SIZE,
-                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
-                 max_clients: int = MAX_CLIENTS, write_timeout_s: float = WRITE_TIMEOUT_S,
+                 history_size: int = HISTORY_SIZE, history_ttl_s: Optional[float] = None,
+                 max_topics: int = MAX_TOPICS, max_clients: int = MAX_CLIENTS,
+                 write_timeout_s: float = WRITE_TIMEOUT_S,
                  request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 max_header_bytes: int = MAX_HEADER_BYTES,
+                 publish_token: Optional[str] = None, jwt_secret: Optional[str] = None,
+                 jwt_cookie: str = JWT_COOKIE, private_topics: Iterable[str] = (),
+                 require_auth: bool = False, cors_origins: Iterable[str] = (),
+                 certfile: Optional[str] = None, keyfile: Optional[str] = None,
+                 max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
         if ":" in server_address[0]:
             self.address_family = socket.AF_INET6
@@ -1069,29 +1360,62 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.heartbeat_s = heartbeat_s
         self.retry_ms = retry_ms
         self.max_body_bytes = max_body_bytes
-        self.publish_token = publish_token
         self.write_timeout_s = write_timeout_s
         self.request_timeout_s = request_timeout_s
+        self.max_header_bytes = max_header_bytes
+        self.access = AccessPolicy(publish_token=publish_token, jwt_secret=jwt_secret,
+                                   private_topics=private_topics, require_auth=require_auth)
+        self.jwt_cookie = jwt_cookie
+        self.cors_origins = list(cors_origins)
+        self.max_clients_per_ip = max_clients_per_ip
+        self.publish_limiter = (RateLimiter(publish_rate, publish_burst)
+                                if publish_rate > 0 else None)
+        self.tls_context = _tls_context(certfile, keyfile) if certfile else None
         self.broker = Broker(queue_size=queue_size, history_size=history_size,
                              history_ttl_s=history_ttl_s, max_topics=max_topics,
                              max_subscribers=max_clients)
-        # _connections_lock guards the three fields below it; the condition is
+        # _connections_lock guards the fields below it; the condition is
         # notified whenever a stream or a handler thread ends.
         self._connections_lock = threading.Lock()
         self._handler_done = threading.Condition(self._connections_lock)
         self._connections: set[socket.socket] = set()
         self._streams: set[socket.socket] = set()
+        self._streams_per_ip: collections.Counter[str] = collections.Counter()
         self._handler_threads = 0
         self._serving = False
         self._hangups = HangupWatcher()
         super().__init__(server_address, handler_class, bind_and_activate)
+
+    def get_request(self):
+        sock, address = super().get_request()
+        if self.tls_context is not None:    # the handshake happens in the handler thread
+            sock = self.tls_context.wrap_socket(sock, server_side=True,
+                                                do_handshake_on_connect=False)
+        return sock, address
+
+    @contextlib.contextmanager
+    def client_slot(self, host: str):
+        """Hold one of the --max-clients-per-ip stream slots of `host`."""
+        with self._connections_lock:
+            if self.max_clients_per_ip and self._streams_per_ip[host] >= self.max_clients_per_ip:
+                raise ServiceUnavailable(
+                    f"too many streams from {host} (limit {self.max_clients_per_ip})")
+            self._streams_per_ip[host] += 1
+        try:
+            yield
+        finally:
+            with self._connections_lock:
+                self._streams_per_ip[host] -= 1
+                if not self._streams_per_ip[host]:
+                    del self._streams_per_ip[host]
 
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]
         if ":" in host:
             host = f"[{host}]"
-        return f"http://{host}:{port}/"
+        scheme = "https" if self.tls_context else "http"
+        return f"{scheme}://{host}:{port}/"
 
     def stats(self) -> dict:
         stats = self.broker.stats()
@@ -1129,7 +1453,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_done.notify_all()
 
     def stream_started(self, connection: socket.socket, on_hangup: Callable[[], None]) -> None:
-        self._hangups.watch(connection, on_hangup)
+        if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
+            self._hangups.watch(connection, on_hangup)
         with self._connections_lock:
             self._streams.add(connection)
 
@@ -1141,7 +1466,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
-        if isinstance(error, (ConnectionError, socket.timeout)):
+        if isinstance(error, OSError):  # resets, timeouts, failed TLS handshakes
             logger.debug("connection from %s ended: %r", client_address, error)
         else:
             logger.exception("unexpected error handling a request from %s", client_address)
@@ -1164,6 +1489,14 @@ class SSEServer(http.server.ThreadingHTTPServer):
         with self._connections_lock:
             self._handler_done.wait_for(lambda: self._handler_threads == 0, timeout=0.5)
         self._hangups.close()
+
+
+def _tls_context(certfile: str, keyfile: Optional[str]):
+    import ssl      # here, so that a Python built without ssl still runs plain HTTP
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(certfile, keyfile)
+    return context
 
 
 def _shutdown_sockets(sockets: Iterable[socket.socket], how: int) -> None:
@@ -1211,6 +1544,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-timeout", metavar="S", type=float,
                         default=REQUEST_TIMEOUT_S,
                         help="time a client has to send a whole request (streams have none)")
+    parser.add_argument("--max-header-bytes", metavar="BYTES", type=int,
+                        default=MAX_HEADER_BYTES, help="largest request header section (431 beyond)")
+    security = parser.add_argument_group("access control and hardening")
+    security.add_argument("--jwt-secret", metavar="S", default=os.environ.get("SSE_JWT_SECRET"),
+                          help="verify HS256 JWTs with this secret (env SSE_JWT_SECRET)")
+    security.add_argument("--jwt-secret-file", metavar="FILE",
+                          help="read the JWT secret from this file (trailing newline ignored)")
+    security.add_argument("--jwt-cookie", metavar="NAME", default=JWT_COOKIE,
+                          help="cookie that may carry the JWT (EventSource withCredentials)")
+    security.add_argument("--private-topic", metavar="PATTERN", action="append", default=[],
+                          help="topic (or prefix ending in *) that needs a JWT to subscribe; "
+                               "repeatable")
+    security.add_argument("--require-auth", action="store_true",
+                          help="every topic needs a JWT to subscribe")
+    security.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[],
+                          help="allow browsers on this origin (or *, without credentials) to "
+                               "use /events and /publish; repeatable")
+    security.add_argument("--certfile", metavar="PEM", help="serve HTTPS with this certificate")
+    security.add_argument("--keyfile", metavar="PEM", help="private key for --certfile")
+    security.add_argument("--max-clients-per-ip", metavar="N", type=int, default=0,
+                          help="concurrent streams per client address (503 beyond; 0: no limit)")
+    security.add_argument("--publish-rate", metavar="R", type=float, default=0,
+                          help="publishes per second per client address (429 beyond; 0: no "
+                               "limit)")
+    security.add_argument("--publish-burst", metavar="N", type=int, default=20,
+                          help="publishes allowed in a burst with --publish-rate")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="logging verbosity")
@@ -1227,6 +1586,14 @@ def _positive_settings(args: argparse.Namespace) -> Optional[str]:
             return f"--{name} must not be negative"
     if args.history_ttl is not None and args.history_ttl <= 0:
         return "--history-ttl must be greater than 0"
+    if args.max_clients_per_ip < 0 or args.publish_rate < 0 or args.publish_burst < 1:
+        return "--max-clients-per-ip and --publish-rate must not be negative, --publish-burst >= 1"
+    if args.max_header_bytes <= 0:
+        return "--max-header-bytes must be greater than 0"
+    if (args.private_topic or args.require_auth) and not args.jwt_secret:
+        return "--private-topic and --require-auth need --jwt-secret or --jwt-secret-file"
+    if args.keyfile and not args.certfile:
+        return "--keyfile needs --certfile"
     return None
 
 
@@ -1247,6 +1614,12 @@ def _raise_open_files_limit(wanted: int) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.jwt_secret_file:
+        try:
+            with open(args.jwt_secret_file, encoding="utf-8") as file:
+                args.jwt_secret = file.read().rstrip("\r\n")
+        except OSError as error:
+            parser.error(f"--jwt-secret-file: {error}")
     problem = _positive_settings(args)
     if problem:
         parser.error(problem)
@@ -1261,9 +1634,16 @@ def main(argv: Optional[list[str]] = None) -> int:
             publish_token=args.publish_token, history_size=args.history,
             history_ttl_s=args.history_ttl, max_topics=args.max_topics,
             max_clients=args.max_clients, write_timeout_s=args.write_timeout,
-            request_timeout_s=args.request_timeout)
+            request_timeout_s=args.request_timeout, max_header_bytes=args.max_header_bytes,
+            jwt_secret=args.jwt_secret, jwt_cookie=args.jwt_cookie,
+            private_topics=args.private_topic, require_auth=args.require_auth,
+            cors_origins=args.cors_origin, certfile=args.certfile, keyfile=args.keyfile,
+            max_clients_per_ip=args.max_clients_per_ip, publish_rate=args.publish_rate,
+            publish_burst=args.publish_burst)
+    except HTTPError as error:      # an invalid --private-topic pattern
+        parser.error(f"--private-topic: {error.reason}")
     except OSError as error:
-        print(f"sse_server: cannot listen on {args.host}:{args.port}: {error}", file=sys.stderr)
+        print(f"sse_server: cannot start on {args.host}:{args.port}: {error}", file=sys.stderr)
         return 1
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
