@@ -570,6 +570,18 @@ DROPPED = StreamEnd("dropped")          # too slow: the broker gave up on it
 CLIENT_GONE = StreamEnd("client gone")  # the client hung up
 
 
+def _prepare_event(topics, data: object, event: Optional[str],
+                   retry: Optional[int]) -> tuple[list[str], str]:
+    """Validate a publish call before anything is spent on it."""
+    topic_list = validate_topics([topics] if isinstance(topics, str) else topics)
+    text = encode_data(data)
+    if event is not None:
+        _check_field("event", event)
+    if retry is not None:
+        format_retry(retry)
+    return topic_list, text
+
+
 class Published(NamedTuple):
     id: str             # the event's id, "<run>-<seq>"
     subscribers: int    # how many subscribers it was handed to
@@ -650,41 +662,45 @@ class Broker:
         """Send one event to every subscriber of `topics` (a name or a list).
 
         Returns (id, subscribers reached). Never blocks on a client."""
-        topic_list = validate_topics([topics] if isinstance(topics, str) else topics)
-        text = encode_data(data)
-        if event is not None:
-            _check_field("event", event)
-        if retry is not None:
-            format_retry(retry)     # validates before an id is spent
-        dropped = []
+        topic_list, text = _prepare_event(topics, data, event, retry)
         with self._lock:
             self._seq += 1
             event_id = format_event_id(self.run_id, self._seq)
             frame = format_event(text, event=event, id=event_id, retry=retry)
             self._remember(topic_list, _Event(self._seq, frame, self._clock()))
-            if len(topic_list) == 1:
-                targets = list(self._subscribers_by_topic.get(topic_list[0], ()))
+            reached, dropped = self._fan_out_locked(topic_list, frame)
+        self._report_drops(dropped)
+        return Published(event_id, reached)
+
+    def _fan_out_locked(self, topics: list[str], frame: bytes) -> tuple[int, list[Subscriber]]:
+        """Hand `frame` to every subscriber of `topics`, once each. Returns how
+        many took it and the ones dropped for a full queue."""
+        if len(topics) == 1:
+            targets = list(self._subscribers_by_topic.get(topics[0], ()))
+        else:
+            targets = set()
+            for topic in topics:
+                targets.update(self._subscribers_by_topic.get(topic, ()))
+        dropped = []
+        for subscriber in targets:
+            if subscriber.queue.qsize() >= self.queue_size:
+                self._remove_locked(subscriber)
+                subscriber.queue.put(DROPPED)
+                dropped.append(subscriber)
             else:
-                targets = set()
-                for topic in topic_list:
-                    targets.update(self._subscribers_by_topic.get(topic, ()))
-            for subscriber in targets:
-                if subscriber.queue.qsize() >= self.queue_size:
-                    self._remove_locked(subscriber)
-                    subscriber.queue.put(DROPPED)
-                    dropped.append(subscriber)
-                else:
-                    subscriber.queue.put(frame)
-            reached = len(targets) - len(dropped)
-            self.events_published += 1
-            self.events_delivered += reached
-            self.clients_dropped += len(dropped)
+                subscriber.queue.put(frame)
+        reached = len(targets) - len(dropped)
+        self.events_published += 1
+        self.events_delivered += reached
+        self.clients_dropped += len(dropped)
+        return reached, dropped
+
+    def _report_drops(self, dropped: list[Subscriber]) -> None:
         for subscriber in dropped:
             logger.warning("dropped a slow subscriber of %s: %d events waiting",
                            ",".join(subscriber.topics), self.queue_size)
             if subscriber.on_drop:
                 subscriber.on_drop()
-        return Published(event_id, reached)
 
     def _remember(self, topics: list[str], event: _Event) -> None:
         for topic in topics:
@@ -722,17 +738,20 @@ class Broker:
         with a `reset` event that says why."""
         subscriber = Subscriber(validate_topics(topics), on_drop)
         with self._lock:
-            if self._closed:
-                raise ServiceUnavailable("server is shutting down")
-            if self._subscriber_count >= self.max_subscribers:
-                raise ServiceUnavailable(
-                    f"too many subscribers (limit {self.max_subscribers}); try again later")
+            self._register_locked(subscriber)
             replay = self._replay_locked(subscriber.topics, last_event_id) if last_event_id else []
-            for topic in subscriber.topics:
-                self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
-            self._subscriber_count += 1
-            self.subscriptions_total += 1
         return subscriber, replay
+
+    def _register_locked(self, subscriber: Subscriber) -> None:
+        if self._closed:
+            raise ServiceUnavailable("server is shutting down")
+        if self._subscriber_count >= self.max_subscribers:
+            raise ServiceUnavailable(
+                f"too many subscribers (limit {self.max_subscribers}); try again later")
+        for topic in subscriber.topics:
+            self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
+        self._subscriber_count += 1
+        self.subscriptions_total += 1
 
     def _replay_locked(self, topics: tuple[str, ...], last_event_id: str) -> list[bytes]:
         after = parse_event_id(last_event_id, self.run_id)

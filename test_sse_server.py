@@ -131,6 +131,10 @@ class ProtocolError(AssertionError):
     pass
 
 
+class ClosedBeforeHeaders(ProtocolError):
+    pass
+
+
 class StreamClient:
     """Opens GET /events on a raw socket and decodes every byte strictly."""
 
@@ -174,7 +178,7 @@ class StreamClient:
     def _read_head(self):
         while b"\r\n\r\n" not in self._buffer:
             if not self._recv():
-                raise ProtocolError(f"connection closed before headers: {self.raw!r}")
+                raise ClosedBeforeHeaders(f"connection closed before headers: {self.raw!r}")
         head, self._buffer = self._buffer.split(b"\r\n\r\n", 1)
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
         headers = {}
@@ -1105,7 +1109,10 @@ class ChurnTests(ServerTestCase):
             try:
                 while len(got) < self.EVENTS:
                     headers = [f"Last-Event-ID: {last_id}"] if last_id else []
-                    client = StreamClient(self.port, "topic=churn", headers=headers)
+                    try:
+                        client = StreamClient(self.port, "topic=churn", headers=headers)
+                    except ClosedBeforeHeaders:
+                        continue        # cut before the stream started: reconnect
                     connections += 1
                     if connections == 1:
                         all_connected.wait()
