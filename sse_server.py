@@ -67,7 +67,7 @@ __all__ = [
     "HTTPError", "format_event", "format_comment", "format_retry",
     "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
-    "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
+    "RedisBroker", "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
 ]
 
 __version__ = "1.0"
@@ -811,6 +811,10 @@ class Broker:
 
     # Introspection
 
+    def health(self) -> tuple[bool, str]:
+        """(healthy, reason) for /healthz."""
+        return True, "ok"
+
     @property
     def subscriber_count(self) -> int:
         with self._lock:
@@ -844,6 +848,222 @@ def format_reset_event(reason: str, last_event_id: str) -> bytes:
     It carries no id, so the client's last event id is left as it was."""
     data = {"reason": reason, "lastEventId": last_event_id, "message": RESET_MESSAGES[reason]}
     return format_event(json.dumps(data, ensure_ascii=False), event="reset")
+
+
+# --- Redis mode: several instances share one event stream -------------------------------
+
+REDIS_KEY = "sse:events"         # the Redis Stream every instance reads and writes
+REDIS_MIN_STREAM_LEN = 100      # never trim below this: readers must see entries first
+REDIS_BLOCK_MS = 250            # XREAD wait; bounds how long shutdown waits for the reader
+REDIS_BACKOFF_S = (0.1, 2.0)    # reconnect delays, doubling from the first to the second
+_STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+
+
+def _stream_position(entry_id: str) -> tuple[int, int]:
+    milliseconds, sequence = entry_id.split("-")
+    return int(milliseconds), int(sequence)
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and /stats."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+class RedisBroker(Broker):
+    """A Broker whose events pass through one Redis Stream.
+
+    publish() appends with XADD (trimmed to about history_size entries); the
+    stream id is the event id, global and ordered across instances. One
+    reader thread per instance follows the stream with XREAD and hands each
+    entry to the local fan-out, so local delivery is as fast as in memory.
+    Replay reads the stream with XRANGE up to the last entry the reader has
+    delivered, noted under the same lock that registers the subscriber:
+    older entries come from the replay, newer ones live, none twice.
+    """
+
+    def __init__(self, url: str, *, key: str = REDIS_KEY, **options):
+        try:
+            import redis
+        except ImportError:
+            raise RuntimeError("--redis needs the redis package: pip install redis") from None
+        super().__init__(**options)
+        self._redis_errors = redis.RedisError
+        self._no_such_key = redis.ResponseError
+        self.url = redact_url(url)
+        self.key = key
+        self.stream_len = max(self.history_size, REDIS_MIN_STREAM_LEN)
+        # Two connections: the reader's XREAD blocks, publishers must not wait on it.
+        self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
+                                            socket_connect_timeout=2)
+        self._reader_client = redis.Redis.from_url(
+            url, decode_responses=True, socket_connect_timeout=2,
+            socket_timeout=REDIS_BLOCK_MS / 1000 + 5)
+        # Guarded by Broker._lock: the last stream id handed to local subscribers
+        # (None until the reader first reaches Redis), and the reader's state.
+        self._delivered_id: Optional[str] = None
+        self.redis_connected = False
+        self.redis_error: Optional[str] = None
+        self.redis_reconnects = 0
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._follow, name="redis-reader", daemon=True)
+        self._reader.start()
+
+    def publish(self, topics, data: object, *, event: Optional[str] = None,
+                retry: Optional[int] = None) -> Published:
+        """Append to the stream; every instance delivers it. Returns the stream
+        id and how many subscribers of these topics this instance has now."""
+        topic_list, text = _prepare_event(topics, data, event, retry)
+        fields = {"topics": ",".join(topic_list), "data": text}
+        if event:
+            fields["event"] = event
+        if retry is not None:
+            fields["retry"] = str(retry)
+        try:
+            entry_id = self._client.xadd(self.key, fields, maxlen=self.stream_len,
+                                         approximate=True)
+        except self._redis_errors as error:
+            raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
+        with self._lock:
+            local = set()
+            for topic in topic_list:
+                local.update(self._subscribers_by_topic.get(topic, ()))
+        return Published(entry_id, len(local))
+
+    def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
+                  on_drop: Optional[Callable[[], None]] = None) -> tuple[Subscriber, list[bytes]]:
+        subscriber = Subscriber(validate_topics(topics), on_drop)
+        with self._lock:
+            if last_event_id and self._delivered_id is None:
+                raise ServiceUnavailable("not connected to redis yet; cannot replay",
+                                         retry_after_s=2)
+            self._register_locked(subscriber)
+            delivered_id = self._delivered_id
+        if not last_event_id:
+            return subscriber, []
+        try:
+            return subscriber, self._replay(subscriber.topics, last_event_id, delivered_id)
+        except self._redis_errors as error:
+            self.unsubscribe(subscriber)
+            raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
+
+    def _replay(self, topics: tuple[str, ...], last_event_id: str, upto: str) -> list[bytes]:
+        reason = None
+        start = "(" + last_event_id     # exclusive
+        if not _STREAM_ID.fullmatch(last_event_id) or (
+                _stream_position(last_event_id) > _stream_position(upto)):
+            reason, start = "unknown-id", "-"
+        elif self._gap_after(self._client, last_event_id):
+            reason = "history-exceeded"
+        wanted = set(topics)
+        frames = [self._frame(entry_id, fields)
+                  for entry_id, fields in self._client.xrange(self.key, min=start, max=upto)
+                  if wanted.intersection(fields.get("topics", "").split(","))]
+        if reason:
+            frames.insert(0, format_reset_event(reason, last_event_id))
+        return frames
+
+    @staticmethod
+    def _frame(entry_id: str, fields: dict) -> bytes:
+        retry = fields.get("retry")
+        return format_event(fields.get("data", ""), event=fields.get("event"), id=entry_id,
+                            retry=int(retry) if retry and retry.isdigit() else None)
+
+    def _follow(self) -> None:
+        """The reader: deliver every new entry locally, in stream order; on a
+        Redis failure, back off and resume from the last entry delivered."""
+        backoff_s = REDIS_BACKOFF_S[0]
+        while not self._stop.is_set():
+            try:
+                if self._delivered_id is None:      # start at the current end
+                    newest = self._reader_client.xrevrange(self.key, count=1)
+                    with self._lock:
+                        self._delivered_id = newest[0][0] if newest else "0-0"
+                response = self._reader_client.xread({self.key: self._delivered_id},
+                                                     count=self.stream_len, block=REDIS_BLOCK_MS)
+                if not self.redis_connected:
+                    logger.info("connected to redis at %s", self.url)
+                with self._lock:
+                    self.redis_connected, self.redis_error = True, None
+                backoff_s = REDIS_BACKOFF_S[0]
+                for _, entries in response:
+                    # A full batch means the reader may have fallen so far behind
+                    # that Redis trimmed entries it never read.
+                    if (len(entries) >= self.stream_len and
+                            self._gap_after(self._reader_client, self._delivered_id)):
+                        self._announce_gap()
+                    for entry_id, fields in entries:
+                        self._deliver(entry_id, fields)
+            except self._redis_errors as error:
+                with self._lock:
+                    if self.redis_connected:
+                        logger.warning("lost redis at %s: %s", self.url, error)
+                        self.redis_reconnects += 1
+                    self.redis_connected, self.redis_error = False, str(error)
+                self._stop.wait(backoff_s)
+                backoff_s = min(backoff_s * 2, REDIS_BACKOFF_S[1])
+
+    def _gap_after(self, client, entry_id: str) -> bool:
+        """Were entries after `entry_id` trimmed away? Trimming removes the
+        oldest entries, so if `entry_id` is still in the stream nothing after it
+        is gone. If it is not, and entries were trimmed, and the oldest kept
+        entry is newer than it, entries after it may be gone: say so (this errs
+        on the side of a warning only when the kept entry is exactly the next)."""
+        if client.xrange(self.key, min=entry_id, max=entry_id, count=1):
+            return False
+        try:
+            info = client.xinfo_stream(self.key)
+        except self._no_such_key:   # nothing was ever published
+            return False
+        first = info.get("first-entry")
+        return bool(info.get("entries-added", 0) > info.get("length", 0) and first and
+                    _stream_position(first[0]) > _stream_position(entry_id))
+
+    def _announce_gap(self) -> None:
+        """Tell every local subscriber it missed events (as a replay would)."""
+        logger.warning("redis reader fell behind: entries after %s were trimmed unread",
+                       self._delivered_id)
+        frame = format_reset_event("history-exceeded", self._delivered_id)
+        with self._lock:
+            reached, dropped = self._fan_out_locked(list(self._subscribers_by_topic), frame)
+            self.events_published -= 1      # a notice, not an event
+        self._report_drops(dropped)
+
+    def _deliver(self, entry_id: str, fields: dict) -> None:
+        frame = self._frame(entry_id, fields)
+        topics = [topic for topic in fields.get("topics", "").split(",") if topic]
+        with self._lock:
+            self._delivered_id = entry_id
+            reached, dropped = self._fan_out_locked(topics, frame)
+        self._report_drops(dropped)
+
+    def health(self) -> tuple[bool, str]:
+        with self._lock:
+            if self.redis_connected:
+                return True, "ok"
+            return False, f"degraded: redis unavailable ({self.redis_error or 'connecting'})"
+
+    def stats(self) -> dict:
+        stats = super().stats()
+        with self._lock:
+            stats.update(last_event_id=self._delivered_id, run_id=None, events_retained=None,
+                         topics_with_history=None,
+                         redis={"url": self.url, "key": self.key,
+                                "connected": self.redis_connected, "error": self.redis_error,
+                                "reconnects": self.redis_reconnects,
+                                "stream_length_limit": self.stream_len})
+        return stats
+
+    def close(self) -> list[Subscriber]:
+        subscribers = super().close()
+        self._stop.set()
+        self._reader.join()
+        self._client.close()
+        self._reader_client.close()
+        return subscribers
 
 
 # --- HTTP handler ---------------------------------------------------------------------
@@ -1110,6 +1330,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # Small endpoints
 
     def _handle_healthz(self, url) -> None:
+        healthy, reason = self.server.broker.health()
+        if not healthy:
+            raise ServiceUnavailable(reason, retry_after_s=2)
         self._respond(HTTPStatus.OK, b"ok\n")
 
     def _handle_stats(self, url) -> None:
@@ -1371,6 +1594,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  require_auth: bool = False, cors_origins: Iterable[str] = (),
                  certfile: Optional[str] = None, keyfile: Optional[str] = None,
                  max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
+                 redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
         if ":" in server_address[0]:
             self.address_family = socket.AF_INET6
@@ -1390,9 +1614,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self.publish_limiter = (RateLimiter(publish_rate, publish_burst)
                                 if publish_rate > 0 else None)
         self.tls_context = _tls_context(certfile, keyfile) if certfile else None
-        self.broker = Broker(queue_size=queue_size, history_size=history_size,
-                             history_ttl_s=history_ttl_s, max_topics=max_topics,
-                             max_subscribers=max_clients)
+        broker_options = dict(queue_size=queue_size, history_size=history_size,
+                              history_ttl_s=history_ttl_s, max_topics=max_topics,
+                              max_subscribers=max_clients)
+        self.broker = (RedisBroker(redis_url, key=redis_key, **broker_options) if redis_url
+                       else Broker(**broker_options))
         # _connections_lock guards the fields below it; the condition is
         # notified whenever a stream or a handler thread ends.
         self._connections_lock = threading.Lock()
@@ -1403,7 +1629,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self._handler_threads = 0
         self._serving = False
         self._hangups = HangupWatcher()
-        super().__init__(server_address, handler_class, bind_and_activate)
+        try:
+            super().__init__(server_address, handler_class, bind_and_activate)
+        except BaseException:
+            self.broker.close()     # stops the Redis reader, if any
+            raise
 
     def get_request(self):
         sock, address = super().get_request()
@@ -1589,6 +1819,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "limit)")
     security.add_argument("--publish-burst", metavar="N", type=int, default=20,
                           help="publishes allowed in a burst with --publish-rate")
+    scale = parser.add_argument_group("several instances (Redis)")
+    scale.add_argument("--redis", metavar="URL", default=os.environ.get("SSE_REDIS_URL"),
+                       help="share events, ids and replay through Redis: redis://[:password@]"
+                            "host:port/db or rediss:// (env SSE_REDIS_URL); needs "
+                            "'pip install redis'")
+    scale.add_argument("--redis-key", metavar="KEY", default=REDIS_KEY,
+                       help="the Redis Stream used; instances sharing it share events")
     parser.add_argument("--log-level", default="info",
                         choices=["debug", "info", "warning", "error"],
                         help="logging verbosity")
@@ -1658,7 +1895,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             private_topics=args.private_topic, require_auth=args.require_auth,
             cors_origins=args.cors_origin, certfile=args.certfile, keyfile=args.keyfile,
             max_clients_per_ip=args.max_clients_per_ip, publish_rate=args.publish_rate,
-            publish_burst=args.publish_burst)
+            publish_burst=args.publish_burst, redis_url=args.redis, redis_key=args.redis_key)
+    except RuntimeError as error:   # --redis without the redis package
+        print(f"sse_server: {error}", file=sys.stderr)
+        return 1
     except HTTPError as error:      # an invalid --private-topic pattern
         parser.error(f"--private-topic: {error.reason}")
     except OSError as error:

@@ -1888,6 +1888,216 @@ class ClientLimitTests(ServerTestCase):
         self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
 
 
+# --- Several instances through Redis ------------------------------------------------------------
+
+REDIS_SERVER = __import__("shutil").which("redis-server")
+REQUIRE_REDIS = os.environ.get("SSE_REQUIRE_REDIS") == "1"
+try:
+    import redis as redis_package
+except ImportError:
+    redis_package = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, with its data in a temp dir."""
+
+    def __init__(self):
+        self.folder = tempfile.TemporaryDirectory(prefix="sse-redis-")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = None
+
+    def start(self):
+        # appendfsync always: what Redis accepted survives the restart in the tests.
+        self.process = subprocess.Popen(
+            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1",
+             "--dir", self.folder.name, "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--protected-mode", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis_package.Redis(port=self.port, socket_connect_timeout=1)
+        try:
+            wait_until(lambda: self._pings(client), message="redis-server to start")
+        finally:
+            client.close()
+
+    @staticmethod
+    def _pings(client) -> bool:
+        try:
+            return client.ping()
+        except redis_package.ConnectionError:
+            return False
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(WAIT_S)
+
+    def cleanup(self):
+        self.stop()
+        self.folder.cleanup()
+
+
+@unittest.skipUnless((REDIS_SERVER and redis_package) or REQUIRE_REDIS,
+                     "redis-server or the redis package is missing (apt-get install "
+                     "redis-server; pip install redis); set SSE_REQUIRE_REDIS=1 to fail instead")
+class RedisTests(unittest.TestCase):
+    """Two instances on one real Redis."""
+
+    def setUp(self):
+        if not (REDIS_SERVER and redis_package):
+            self.fail("SSE_REQUIRE_REDIS=1 but redis-server or the redis package is missing")
+        self.baseline_threads = threading.active_count()
+        self.redis = RedisProcess()
+        self.addCleanup(self.redis.cleanup)
+        self.redis.start()
+        self.a = self.start_instance()
+        self.b = self.start_instance()
+
+    def start_instance(self):
+        server = SSEServer(("127.0.0.1", 0), redis_url=self.redis.url, heartbeat_s=0.2,
+                           queue_size=10_000)  # the trimming tests publish in bursts
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+
+        def stop():
+            server.shutdown()
+            server.server_close()
+            thread.join(WAIT_S)
+        self.addCleanup(stop)
+        wait_until(lambda: server.broker.health()[0], message="instance connected to redis")
+        return server
+
+    def tearDown(self):
+        self.doCleanups()
+        wait_until(lambda: threading.active_count() <= self.baseline_threads,
+                   message=f"threads to end: {threading.enumerate()}")
+
+    def subscribe(self, server, query, **kwargs):
+        client = StreamClient(server.server_address[1], query, **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    @staticmethod
+    def publish(server, query, body):
+        status, _, answer = http_request(server.server_address[1], "POST",
+                                         f"/publish?{query}", body)
+        return status, json.loads(answer) if status == 200 else answer
+
+    def test_events_from_either_instance_reach_both_in_one_order(self):
+        on_a = self.subscribe(self.a, "topic=x&topic=y")
+        on_b = self.subscribe(self.b, "topic=x")
+        wait_until(lambda: self.a.broker.subscriber_count == 1 and
+                   self.b.broker.subscriber_count == 1)
+        ids = [self.publish(self.b, "topic=x", b"b1")[1]["id"],
+               self.publish(self.a, "topic=y", b"a1")[1]["id"],
+               self.a.broker.publish(["x", "y"], "a2 both", event="multi").id,
+               self.publish(self.b, "topic=y&event=named", "b2 \u263a".encode())[1]["id"]]
+        self.assertTrue(all(sse_server._STREAM_ID.fullmatch(i) for i in ids), ids)
+        events = on_a.take(4)
+        self.assertEqual([(e.type, e.data) for e in events],
+                         [("message", "b1"), ("message", "a1"), ("multi", "a2 both"),
+                          ("named", "b2 \u263a")])
+        self.assertEqual([e.id for e in events], ids)
+        self.assertEqual(sorted(ids, key=sse_server._stream_position), ids)
+        self.assertEqual([e.data for e in on_b.take(2)], ["b1", "a2 both"])
+
+    def test_cut_from_one_instance_resume_on_the_other(self):
+        first = self.subscribe(self.a, "topic=r&topic=s")
+        wait_until(lambda: self.a.broker.subscriber_count == 1)
+        for n in range(3):
+            self.a.broker.publish("r", f"seen {n}")
+        seen = first.take(3)
+        first.close()
+        wait_until(lambda: self.a.broker.subscriber_count == 0)
+        missed = [self.b.broker.publish("r", "missed 0").id,
+                  self.a.broker.publish("other", "not mine").id,
+                  self.a.broker.publish("s", "missed 1").id,
+                  self.b.broker.publish(["r", "s"], "missed 2").id]
+        again = self.subscribe(self.b, "topic=r&topic=s",
+                               headers=[f"Last-Event-ID: {seen[-1].id}"])
+        wait_until(lambda: self.b.broker.subscriber_count == 1)
+        live = self.a.broker.publish("s", "live").id
+        events = again.take(4)
+        self.assertEqual([e.data for e in events], ["missed 0", "missed 1", "missed 2", "live"])
+        self.assertEqual([e.id for e in events], [missed[0], missed[2], missed[3], live])
+        with self.assertRaises(AssertionError):
+            again.next_event(timeout=0.1)
+
+    def test_foreign_id_resets(self):
+        self.a.broker.publish("f", "kept")
+        client = self.subscribe(self.b, "topic=f&lastEventId=abcd-12")
+        reset, event = client.take(2)
+        self.assertEqual((reset.type, json.loads(reset.data)["reason"]), ("reset", "unknown-id"))
+        self.assertEqual(event.data, "kept")
+
+    def fill_stream(self, server, count):
+        """Append `count` entries straight to Redis; returns the last id."""
+        pipe = server.broker._client.pipeline(transaction=False)
+        for n in range(count):
+            pipe.xadd(server.broker.key, {"topics": "t", "data": str(n)},
+                      maxlen=server.broker.stream_len, approximate=True)
+        return pipe.execute()[-1]
+
+    def test_trimmed_history_resets(self):
+        first = self.a.broker.publish("t", "first").id
+        last = self.fill_stream(self.a, 3 * self.a.broker.stream_len)
+        wait_until(lambda: self.b.broker.stats()["last_event_id"] == last)
+        client = self.subscribe(self.b, "topic=t", headers=[f"Last-Event-ID: {first}"])
+        reset = client.next_event()
+        self.assertEqual((reset.type, json.loads(reset.data)["reason"]),
+                         ("reset", "history-exceeded"))
+        self.assertTrue(client.next_event().data.isdigit())
+
+    def test_reader_that_falls_behind_the_trimming_tells_its_subscribers(self):
+        client = self.subscribe(self.b, "topic=t&topic=u")
+        wait_until(lambda: self.b.broker.subscriber_count == 1)
+        with self.b.broker._lock:       # the reader stalls while Redis trims
+            last = self.fill_stream(self.a, 3 * self.b.broker.stream_len)
+        reset = client.next_event()
+        while reset.type != "reset":
+            reset = client.next_event()
+        self.assertEqual(json.loads(reset.data)["reason"], "history-exceeded")
+        wait_until(lambda: self.b.broker.stats()["last_event_id"] == last)
+        self.assertTrue(any("fell behind" in r.getMessage() for r in SERVER_LOG.records))
+
+    def test_redis_outage(self):
+        client = self.subscribe(self.a, "topic=o")
+        wait_until(lambda: self.a.broker.subscriber_count == 1)
+        accepted = [self.publish(self.b, "topic=o", f"before {n}".encode())[1]["id"]
+                    for n in range(3)]
+        self.redis.stop()       # the reader may not have delivered all three yet
+        status, answer = self.publish(self.b, "topic=o", b"during")
+        self.assertEqual(status, 503)
+        self.assertIn(b"redis is unavailable", answer)
+        wait_until(lambda: http_request(self.a.server_address[1], "GET", "/healthz")[0] == 503,
+                   message="/healthz to report degraded")
+        heartbeats = client.parser.comments.count("heartbeat")
+        wait_until(lambda: client.pump(0.5) and
+                   client.parser.comments.count("heartbeat") >= heartbeats + 2,
+                   message="heartbeats during the outage")
+        self.assertFalse(client.closed)
+        self.redis.start()
+        wait_until(lambda: http_request(self.a.server_address[1], "GET", "/healthz")[0] == 200,
+                   message="/healthz to recover")
+        accepted += [self.publish(self.b, "topic=o", f"after {n}".encode())[1]["id"]
+                     for n in range(3)]
+        events = client.take(6)
+        self.assertEqual([e.data for e in events],
+                         [f"before {n}" for n in range(3)] + [f"after {n}" for n in range(3)])
+        self.assertEqual([e.id for e in events], accepted)
+        with self.assertRaises(AssertionError):
+            client.next_event(timeout=0.1)
+        stats = json.loads(http_request(self.a.server_address[1], "GET", "/stats")[2])
+        self.assertTrue(stats["redis"]["connected"])
+        self.assertGreaterEqual(stats["redis"]["reconnects"], 1)
+
+
 class CommandLineTests(unittest.TestCase):
     def test_help_documents_every_option(self):
         output = subprocess.run([sys.executable, os.path.join(HERE, "sse_server.py"), "--help"],
@@ -1898,8 +2108,22 @@ class CommandLineTests(unittest.TestCase):
                        "--request-timeout", "--retry", "--jwt-secret", "--jwt-secret-file",
                        "--jwt-cookie", "--private-topic", "--require-auth", "--cors-origin",
                        "--certfile", "--keyfile", "--max-clients-per-ip", "--publish-rate",
-                       "--publish-burst", "--max-header-bytes"):
+                       "--publish-burst", "--max-header-bytes", "--redis", "--redis-key"):
             self.assertIn(option, output)
+
+    def test_redis_without_the_package_says_how_to_install_it(self):
+        with tempfile.TemporaryDirectory() as shim:
+            os.makedirs(os.path.join(shim, "redis"))
+            with open(os.path.join(shim, "redis", "__init__.py"), "w") as file:
+                file.write("raise ImportError('no redis here')\n")
+            process = subprocess.run(
+                [sys.executable, os.path.join(HERE, "sse_server.py"), "--port", "0",
+                 "--redis", "redis://127.0.0.1:1/0"],
+                capture_output=True, text=True, timeout=WAIT_S,
+                env={**os.environ, "PYTHONPATH": shim})
+        self.assertEqual(process.returncode, 1)
+        self.assertEqual(process.stderr.strip().splitlines(),
+                         ["sse_server: --redis needs the redis package: pip install redis"])
 
     def test_bad_option_value_is_refused(self):
         process = subprocess.run(
