@@ -243,6 +243,22 @@ class StreamClient:
         self.sock.close()
 
 
+def run_server(test: unittest.TestCase, port=0, **options) -> SSEServer:
+    """Start a server on 127.0.0.1 in a thread; the test's cleanup stops it
+    (shutdown, server_close, join), and so does calling server.stop()."""
+    server = SSEServer(("127.0.0.1", port), **options)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+
+    def stop():
+        server.shutdown()
+        server.server_close()
+        thread.join(WAIT_S)
+    server.stop = stop
+    test.addCleanup(stop)
+    return server
+
+
 def http_request(port, method, path, body=None, headers=None, timeout=WAIT_S):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -644,16 +660,7 @@ class ServerTestCase(unittest.TestCase):
 
     def start_server(self, **options):
         options.setdefault("heartbeat_s", 5)
-        server = SSEServer(("127.0.0.1", 0), handler_class=self.handler_class, **options)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-
-        def stop():
-            server.shutdown()
-            server.server_close()
-            thread.join(WAIT_S)
-        self.addCleanup(stop)
-        return server
+        return run_server(self, handler_class=self.handler_class, **options)
 
     def tearDown(self):
         self.doCleanups()
@@ -1460,17 +1467,7 @@ class BrowserTests(unittest.TestCase):
         self.devtools.call("Runtime.enable")
 
     def start_server(self, port):
-        server = SSEServer(("127.0.0.1", port), retry_ms=1500, heartbeat_s=5)
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-
-        def stop():
-            server.shutdown()
-            server.server_close()
-            thread.join(WAIT_S)
-        server.stop = stop
-        self.addCleanup(stop)
-        return server
+        return run_server(self, port, retry_ms=1500, heartbeat_s=5)
 
     def stop_browser(self):
         with contextlib.suppress(ProcessLookupError):
@@ -1960,16 +1957,8 @@ class RedisTests(unittest.TestCase):
         self.b = self.start_instance()
 
     def start_instance(self):
-        server = SSEServer(("127.0.0.1", 0), redis_url=self.redis.url, heartbeat_s=0.2,
-                           queue_size=10_000)  # the trimming tests publish in bursts
-        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
-        thread.start()
-
-        def stop():
-            server.shutdown()
-            server.server_close()
-            thread.join(WAIT_S)
-        self.addCleanup(stop)
+        server = run_server(self, redis_url=self.redis.url, heartbeat_s=0.2,
+                            queue_size=10_000)  # the trimming tests publish in bursts
         wait_until(lambda: server.broker.health()[0], message="instance connected to redis")
         return server
 
