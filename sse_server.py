@@ -588,27 +588,95 @@ class Published(NamedTuple):
 
 
 class Subscriber:
-    """One client: the topics it follows and the queue its thread waits on.
+    """One client: the topics it follows, the queue its thread waits on, and
+    (for a plain TCP stream) the socket publishers may write to directly.
 
-    The queue holds encoded frames (bytes) and, last, maybe a StreamEnd."""
+    The fast path: while a subscriber is idle (nothing queued, its thread not
+    writing), a publisher writes the event straight to its socket with a
+    non-blocking write, and its thread never wakes up. If the write would
+    block or is partial, the rest goes into the queue and its thread writes
+    it. The rules that keep this correct, all under `lock`:
+    - `busy` means its thread owns the socket: set by anyone who queues
+      something, and by the thread itself to write a heartbeat; cleared only
+      by the thread, and only when the queue is empty.
+    - After a partial write the rest is queued first, so bytes never interleave.
+    - `closed` is set before its thread closes the socket (file descriptors are
+      reused): after that nobody else touches it.
+    The queue holds wire-ready bytes and, last, maybe a StreamEnd."""
 
-    __slots__ = ("topics", "queue", "on_drop")
+    __slots__ = ("topics", "queue", "lock", "busy", "closed", "fd", "chunked", "since",
+                 "on_drop")
 
-    def __init__(self, topics: Iterable[str], on_drop: Optional[Callable[[], None]] = None):
+    def __init__(self, topics: Iterable[str], on_drop: Optional[Callable[[], None]] = None, *,
+                 fd: Optional[int] = None, chunked: bool = True):
         self.topics = tuple(topics)
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.busy = True        # its thread owns the socket until it first goes idle
+        self.closed = False
+        self.fd = fd            # a non-blocking socket for direct writes, or None
+        self.chunked = chunked  # HTTP/1.1 chunked framing (else HTTP/1.0, raw)
+        self.since = 0          # events up to this seq came before it (or in its replay)
         # Called (outside the broker lock) when the broker drops this subscriber,
         # so its thread, maybe blocked writing to a stuck socket, is woken.
         self.on_drop = on_drop
 
+    def deliver(self, data: bytes, queue_size: int) -> Optional[bool]:
+        """Hand over wire-ready bytes: True when written or queued, False when
+        its queue is full (it is now dropped), None when its stream has ended."""
+        with self.lock:
+            if self.closed:
+                return None
+            if not self.busy and self.fd is not None:
+                try:
+                    sent = os.write(self.fd, data)
+                except OSError:     # would block, or the peer is gone: let its thread see
+                    sent = 0
+                if sent == len(data):
+                    return True
+                data = data[sent:]
+            elif self.queue.qsize() >= queue_size:
+                self.closed = self.busy = True
+                self.queue.put(DROPPED)
+                return False
+            self.busy = True
+            self.queue.put(data)
+            return True
+
+    def release(self) -> None:
+        """Its thread is done writing: publishers may write directly again,
+        unless something is already waiting in the queue."""
+        with self.lock:
+            if not self.closed and self.queue.empty():
+                self.busy = False
+
+    def claim(self) -> bool:
+        """Its thread takes the socket back (for a heartbeat). False if
+        something is queued (the thread should write that instead)."""
+        with self.lock:
+            if not self.queue.empty():
+                return False
+            self.busy = True
+            return True
+
+    def end(self, item: Optional[StreamEnd] = None) -> None:
+        """No more direct writes; optionally queue the reason the stream ends."""
+        with self.lock:
+            self.closed = self.busy = True
+            if item is not None:
+                self.queue.put(item)
+
 
 class _Event:
-    __slots__ = ("seq", "frame", "created")
+    __slots__ = ("seq", "frame", "chunk", "topics", "created", "reached")
 
-    def __init__(self, seq: int, frame: bytes, created: float):
+    def __init__(self, seq: int, frame: bytes, created: float, topics: tuple[str, ...] = ()):
         self.seq = seq
-        self.frame = frame
+        self.frame = frame          # the event's bytes (kept in history)
+        self.chunk: Optional[bytes] = encode_chunk(frame)   # the same, chunked (until sent)
+        self.topics = topics
         self.created = created
+        self.reached = 0
 
 
 class _TopicHistory:
@@ -650,6 +718,10 @@ class Broker:
         self._history: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
         self._forgotten_through = 0     # highest seq of a topic history dropped by max_topics
         self._closed = False
+        self._pending: list[_Event] = []   # published, not yet handed out
+        self._flushing = False              # a leader is writing a batch
+        self._flushed_seq = 0               # every event up to this seq is out
+        self._flushed = threading.Condition(self._lock)
         self.events_published = 0
         self.events_delivered = 0
         self.clients_dropped = 0
@@ -667,40 +739,108 @@ class Broker:
             self._seq += 1
             event_id = format_event_id(self.run_id, self._seq)
             frame = format_event(text, event=event, id=event_id, retry=retry)
-            self._remember(topic_list, _Event(self._seq, frame, self._clock()))
-            reached, dropped = self._fan_out_locked(topic_list, frame)
-        self._report_drops(dropped)
-        return Published(event_id, reached)
+            item = _Event(self._seq, frame, self._clock(), tuple(topic_list))
+            self._remember(topic_list, item)
+            self._pending.append(item)
+            self._flush_locked(item.seq)
+        return Published(event_id, item.reached)
 
-    def _fan_out_locked(self, topics: list[str], frame: bytes) -> tuple[int, list[Subscriber]]:
-        """Hand `frame` to every subscriber of `topics`, once each. Returns how
-        many took it and the ones dropped for a full queue."""
-        if len(topics) == 1:
-            targets = list(self._subscribers_by_topic.get(topics[0], ()))
-        else:
-            targets = set()
-            for topic in topics:
-                targets.update(self._subscribers_by_topic.get(topic, ()))
-        dropped = []
-        for subscriber in targets:
-            if subscriber.queue.qsize() >= self.queue_size:
+    # Fan-out by group commit: events wait in _pending; one publisher at a
+    # time (the leader) takes all of them and writes each subscriber's share
+    # with one write, outside the broker lock, then wakes the publishers whose
+    # events it sent. A publisher leads at most until its own event is out.
+    # Leaders take turns in seq order, so every stream stays in id order; a
+    # subscriber registered after an event was queued skips it (`since`),
+    # because that event is in its replay or came before it.
+
+    def _flush_locked(self, seq: int) -> None:
+        """Return once event `seq` was handed out (called with _lock held)."""
+        while self._flushed_seq < seq:
+            if self._flushing:
+                self._flushed.wait()
+                continue
+            self._flushing = True
+            batch, self._pending = self._pending, []
+            shares = self._shares_locked(batch)
+            self._lock.release()
+            try:
+                dropped = self._write_shares(shares)
+            finally:
+                self._lock.acquire()
+                self._flushing = False
+                self._flushed_seq = batch[-1].seq
+                self._flushed.notify_all()
+            for subscriber in dropped:
                 self._remove_locked(subscriber)
-                subscriber.queue.put(DROPPED)
-                dropped.append(subscriber)
-            else:
-                subscriber.queue.put(frame)
-        reached = len(targets) - len(dropped)
-        self.events_published += 1
-        self.events_delivered += reached
-        self.clients_dropped += len(dropped)
-        return reached, dropped
+            for item in batch:
+                item.chunk = None           # history keeps only the frame
+                self.events_delivered += item.reached
+            self.events_published += len(batch)
+            self.clients_dropped += len(dropped)
 
-    def _report_drops(self, dropped: list[Subscriber]) -> None:
-        for subscriber in dropped:
-            logger.warning("dropped a slow subscriber of %s: %d events waiting",
-                           ",".join(subscriber.topics), self.queue_size)
-            if subscriber.on_drop:
-                subscriber.on_drop()
+    def _hand_out_locked(self, frame: bytes, topics: tuple[str, ...], wait: bool = True) -> _Event:
+        """Queue a ready frame for fan-out under the next local seq (Redis mode)."""
+        self._seq += 1
+        item = _Event(self._seq, frame, self._clock(), topics)
+        self._pending.append(item)
+        if wait:
+            self._flush_locked(item.seq)
+        return item
+
+    def _shares_locked(self, batch: list[_Event]) -> list[tuple[list[Subscriber], list[_Event]]]:
+        """Group the batch by who gets what: [(subscribers, their events)]."""
+        by_topics: dict[tuple[str, ...], list[_Event]] = {}
+        for item in batch:
+            by_topics.setdefault(item.topics, []).append(item)
+        if len(by_topics) == 1:     # the usual case: everyone gets the whole batch
+            (topics, events), = by_topics.items()
+            return [(self._subscribers_of_locked(topics), events)]
+        events_of: dict[Subscriber, list[_Event]] = {}
+        for item in batch:
+            for subscriber in self._subscribers_of_locked(item.topics):
+                events_of.setdefault(subscriber, []).append(item)
+        return [([subscriber], events) for subscriber, events in events_of.items()]
+
+    def _subscribers_of_locked(self, topics: tuple[str, ...]) -> list[Subscriber]:
+        if len(topics) == 1:
+            return list(self._subscribers_by_topic.get(topics[0], ()))
+        subscribers: set[Subscriber] = set()
+        for topic in topics:
+            subscribers.update(self._subscribers_by_topic.get(topic, ()))
+        return list(subscribers)
+
+    def _write_shares(self, shares) -> list[Subscriber]:
+        """Write (or queue) each subscriber's share. Returns those dropped."""
+        dropped = []
+        for subscribers, events in shares:
+            chunked = b"".join([item.chunk for item in events])
+            raw = None
+            newest = events[-1].seq
+            for subscriber in subscribers:
+                mine = events
+                if subscriber.since >= newest or subscriber.since >= events[0].seq:
+                    mine = [item for item in events if item.seq > subscriber.since]
+                    if not mine:
+                        continue
+                if mine is events:
+                    if subscriber.chunked:
+                        data = chunked
+                    else:
+                        raw = raw if raw is not None else b"".join([i.frame for i in events])
+                        data = raw
+                else:
+                    data = b"".join([i.chunk if subscriber.chunked else i.frame for i in mine])
+                outcome = subscriber.deliver(data, self.queue_size)
+                if outcome:
+                    for item in mine:
+                        item.reached += 1
+                elif outcome is False:
+                    dropped.append(subscriber)
+                    logger.warning("dropped a slow subscriber of %s: %d events waiting",
+                                   ",".join(subscriber.topics), self.queue_size)
+                    if subscriber.on_drop:
+                        subscriber.on_drop()
+        return dropped
 
     def _remember(self, topics: list[str], event: _Event) -> None:
         for topic in topics:
@@ -729,14 +869,16 @@ class Broker:
     # Subscribing
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  on_drop: Optional[Callable[[], None]] = None) -> tuple[Subscriber, list[bytes]]:
+                  on_drop: Optional[Callable[[], None]] = None, fd: Optional[int] = None,
+                  chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
         """Register a subscriber. Returns it and the frames to replay first.
+        `fd` (a non-blocking socket) allows direct writes; see Subscriber.
 
         With `last_event_id`, the replay holds every retained event of these
         topics after that id, oldest first; if events may have been missed
         (foreign id, or history no longer reaching back that far) it starts
         with a `reset` event that says why."""
-        subscriber = Subscriber(validate_topics(topics), on_drop)
+        subscriber = Subscriber(validate_topics(topics), on_drop, fd=fd, chunked=chunked)
         with self._lock:
             self._register_locked(subscriber)
             replay = self._replay_locked(subscriber.topics, last_event_id) if last_event_id else []
@@ -752,6 +894,7 @@ class Broker:
             self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
         self._subscriber_count += 1
         self.subscriptions_total += 1
+        subscriber.since = self._seq
 
     def _replay_locked(self, topics: tuple[str, ...], last_event_id: str) -> list[bytes]:
         after = parse_event_id(last_event_id, self.run_id)
@@ -806,7 +949,7 @@ class Broker:
             self._subscribers_by_topic.clear()
             self._subscriber_count = 0
         for subscriber in subscribers:
-            subscriber.queue.put(SHUTDOWN)
+            subscriber.end(SHUTDOWN)
         return list(subscribers)
 
     # Introspection
@@ -934,8 +1077,9 @@ class RedisBroker(Broker):
         return Published(entry_id, len(local))
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  on_drop: Optional[Callable[[], None]] = None) -> tuple[Subscriber, list[bytes]]:
-        subscriber = Subscriber(validate_topics(topics), on_drop)
+                  on_drop: Optional[Callable[[], None]] = None, fd: Optional[int] = None,
+                  chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
+        subscriber = Subscriber(validate_topics(topics), on_drop, fd=fd, chunked=chunked)
         with self._lock:
             if last_event_id and self._delivered_id is None:
                 raise ServiceUnavailable("not connected to redis yet; cannot replay",
@@ -995,8 +1139,7 @@ class RedisBroker(Broker):
                     if (len(entries) >= self.stream_len and
                             self._gap_after(self._reader_client, self._delivered_id)):
                         self._announce_gap()
-                    for entry_id, fields in entries:
-                        self._deliver(entry_id, fields)
+                    self._deliver(entries)
             except self._redis_errors as error:
                 with self._lock:
                     if self.redis_connected:
@@ -1028,17 +1171,17 @@ class RedisBroker(Broker):
                        self._delivered_id)
         frame = format_reset_event("history-exceeded", self._delivered_id)
         with self._lock:
-            reached, dropped = self._fan_out_locked(list(self._subscribers_by_topic), frame)
+            self._hand_out_locked(frame, tuple(self._subscribers_by_topic))
             self.events_published -= 1      # a notice, not an event
-        self._report_drops(dropped)
 
-    def _deliver(self, entry_id: str, fields: dict) -> None:
-        frame = self._frame(entry_id, fields)
-        topics = [topic for topic in fields.get("topics", "").split(",") if topic]
+    def _deliver(self, entries: list) -> None:
+        """Hand a batch of stream entries to local subscribers (one group commit)."""
         with self._lock:
-            self._delivered_id = entry_id
-            reached, dropped = self._fan_out_locked(topics, frame)
-        self._report_drops(dropped)
+            for entry_id, fields in entries:
+                topics = tuple(topic for topic in fields.get("topics", "").split(",") if topic)
+                self._delivered_id = entry_id
+                self._hand_out_locked(self._frame(entry_id, fields), topics, wait=False)
+            self._flush_locked(self._seq)
 
     def health(self) -> tuple[bool, str]:
         with self._lock:
@@ -1391,13 +1534,18 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self._subscribe_and_stream(topics, last_event_id)
 
     def _subscribe_and_stream(self, topics: list[str], last_event_id: Optional[str]) -> None:
-        subscriber, replay = self.server.broker.subscribe(
-            topics, last_event_id=last_event_id, on_drop=self._cut_stream)
         self.close_connection = True    # the stream ends only by closing
         self._chunked = self.request_version != "HTTP/1.0"
+        # A timeout makes the socket non-blocking underneath: publishers' direct
+        # writes never wait, while this thread's sendall waits up to the timeout.
+        self.connection.settimeout(self.server.write_timeout_s)
+        direct_fd = self.connection.fileno() if self.server.tls_context is None else None
+        subscriber, replay = self.server.broker.subscribe(
+            topics, last_event_id=last_event_id, on_drop=self._cut_stream,
+            fd=direct_fd, chunked=self._chunked)
         with self._stream_lock:
             self._stream_open = True
-        self.server.stream_started(self.connection, lambda: subscriber.queue.put(CLIENT_GONE))
+        self.server.stream_started(self.connection, lambda: subscriber.end(CLIENT_GONE))
         try:
             self._stream(subscriber, replay)
         except socket.timeout:
@@ -1407,6 +1555,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         except OSError as error:    # peer gone, or cut by the broker or shutdown
             logger.debug("stream to %s ended: %r", self.address_string(), error)
         finally:
+            subscriber.end()    # no direct writes from here on: the socket will close
             self.server.broker.unsubscribe(subscriber)
             with self._stream_lock:
                 self._stream_open = False
@@ -1441,29 +1590,34 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         heartbeat_s = self.server.heartbeat_s
         deadline = self._stream_deadline
         queue_get = subscriber.queue.get
+        send = self.connection.sendall
         while True:
+            subscriber.release()        # idle: publishers may write to the socket directly
             timeout = heartbeat_s
             if deadline is not None:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0:
+                    subscriber.end()
                     self._end_stream(format_comment("token expired"))
                     return
                 timeout = min(timeout, heartbeat_s)
             try:
                 item = queue_get(timeout=timeout)
             except queue.Empty:
-                if deadline is None or time.monotonic() < deadline:
-                    self._send_all(self._frame(HEARTBEAT_COMMENT))
+                if (deadline is None or time.monotonic() < deadline) and subscriber.claim():
+                    send(self._frame(HEARTBEAT_COMMENT))
                 continue
-            frames = []
+            # Everything queued (wire-ready bytes) goes out in one write.
+            pieces = []
             while not isinstance(item, StreamEnd):
-                frames.append(item)
+                pieces.append(item)
                 try:
                     item = subscriber.queue.get_nowait()
                 except queue.Empty:
                     item = None
                     break
-            self._write_frames(frames)
+            if pieces:
+                send(b"".join(pieces))
             if item is SHUTDOWN:
                 self._end_stream(format_retry(random.randint(*SHUTDOWN_RETRY_MS)))
                 return

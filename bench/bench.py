@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Benchmark sse_server.py (and, with --compare, popular peers) under one load.
+
+    python3 bench/bench.py                      # our server, scenarios S1-S5
+    python3 bench/bench.py --scenarios S1,S2    # a subset
+    python3 bench/bench.py --compare            # + sse-starlette, aiohttp-sse, nginx+nchan
+    python3 bench/bench.py --redis              # + two instances behind one Redis
+
+The load generator (bench/loadgen.c) is compiled with the machine's gcc at
+run time; it holds the subscriber connections on one epoll loop and reports
+deliveries/s, publishes/s, latency percentiles (every event carries its
+CLOCK_MONOTONIC send time), lost events, connect time and its own CPU use.
+Each server runs as a fresh process per scenario; its RSS with every
+subscriber connected and idle, and its CPU seconds, are read from /proc.
+Results print as a Markdown table and are saved under bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+# name: (subscribers, publisher connections, mode, total publish rate, seconds)
+SCENARIOS = {
+    "S1": (1000, 4, "closed", 0, 5),
+    "S2": (1000, 1, "rate", 10, 10),
+    "S3": (10, 4, "closed", 0, 5),
+    "S4": (5000, 1, "rate", 2, 10),
+    "S5": (10000, 1, "rate", 1, 10),
+}
+SCENARIO_TEXT = {
+    "S1": "1,000 subscribers, closed-loop publishing on 4 connections, 5 s",
+    "S2": "1,000 subscribers, 10 events/s, 10 s",
+    "S3": "10 subscribers, closed-loop publishing on 4 connections, 5 s",
+    "S4": "5,000 subscribers, 2 events/s, 10 s",
+    "S5": "10,000 subscribers, 1 event/s, 10 s",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on port {port} after {timeout} s")
+
+
+def rss_bytes(pids: list[int]) -> int:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as file:
+            total += int(file.read().split()[1]) * PAGE_SIZE
+    return total
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as file:
+            fields = file.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return total
+
+
+def process_tree(pid: int) -> list[int]:
+    """The pid and its children (nginx runs its worker as a child)."""
+    pids = [pid]
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as file:
+            for child in file.read().split():
+                pids += process_tree(int(child))
+    except FileNotFoundError:
+        pass
+    return pids
+
+
+class Target:
+    """A server to benchmark: how to start it and its two endpoint paths."""
+
+    name = "target"
+    events_path = "/events?topic=bench"
+    publish_path = "/publish?topic=bench"
+
+    def start(self, port: int) -> subprocess.Popen:
+        raise NotImplementedError
+
+    def stop(self, process: subprocess.Popen) -> None:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+class OurServer(Target):
+    name = "sse_server.py"
+
+    def __init__(self, extra=()):
+        self.extra = list(extra)
+
+    def start(self, port):
+        return subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "sse_server.py"), "--port", str(port),
+             "--log-level", "warning", "--max-clients", "20000", *self.extra],
+            stdout=subprocess.DEVNULL)
+
+
+def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dict:
+    subscribers, publishers, mode, rate, seconds = SCENARIOS[scenario]
+    port = free_port()
+    process = target.start(port)
+    try:
+        wait_for_port(port)
+        extra_ports = []
+        if ports:       # a second instance for the subscribers (Redis mode)
+            extra_ports = [ports.start_second()]
+        time.sleep(0.5)     # let it settle (imports, worker start-up)
+        pids = process_tree(process.pid) + (ports.pids() if ports else [])
+        rss_before = rss_bytes(pids)
+        command = [loadgen, "127.0.0.1", str(port), target.events_path, target.publish_path,
+                   str(subscribers), str(publishers), mode, str(rate), str(seconds),
+                   *map(str, extra_ports)]
+        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        line = generator.stdout.readline()
+        if line.strip() != "connected":
+            generator.wait()
+            raise RuntimeError(f"{target.name} {scenario}: load generator failed: {line!r}")
+        time.sleep(0.5)     # all subscribers in and idle
+        pids = process_tree(process.pid) + (ports.pids() if ports else [])
+        rss_idle = rss_bytes(pids)
+        cpu_before = cpu_seconds(pids)
+        result = json.loads(generator.stdout.read())
+        generator.wait()
+        result["server_cpu_s"] = round(cpu_seconds(pids) - cpu_before, 2)
+        result["rss_per_subscriber_kib"] = round((rss_idle - rss_before) / subscribers / 1024, 1)
+        result["server_rss_mib"] = round(rss_idle / 2**20, 1)
+        return result
+    finally:
+        if ports:
+            ports.stop_second()
+        target.stop(process)
+
+
+def compile_loadgen(folder: str) -> str:
+    binary = os.path.join(folder, "loadgen")
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", binary, os.path.join(HERE, "loadgen.c")],
+                   check=True)
+    return binary
+
+
+def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
+    names = list(results)
+    rows = [("S1 deliveries/s", "S1", lambda r: f"{r['deliveries_per_s']:,.0f}"),
+            ("S1 p99 latency", "S1", lambda r: f"{r['p99_ms']:.1f} ms"),
+            ("S2 p99 latency", "S2", lambda r: f"{r['p99_ms']:.1f} ms"),
+            ("S3 publishes/s", "S3", lambda r: f"{r['publishes_per_s']:,.0f}"),
+            ("S3 deliveries/s", "S3", lambda r: f"{r['deliveries_per_s']:,.0f}"),
+            ("S4 p99 latency / rate held", "S4",
+             lambda r: f"{r['p99_ms']:.1f} ms / {r['publishes_per_s']:.2f} of 2"),
+            ("S5 p99 latency / rate held", "S5",
+             lambda r: f"{r['p99_ms']:.1f} ms / {r['publishes_per_s']:.2f} of 1"),
+            ("connect 10k subscribers", "S5", lambda r: f"{r['connect_s']:.2f} s"),
+            ("RSS per idle subscriber (10k)", "S5", lambda r: f"{r['rss_per_subscriber_kib']:.1f} KiB"),
+            ("lost events (all scenarios)", None, None)]
+    lines = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for label, scenario, show in rows:
+        cells = []
+        for name in names:
+            if scenario is None:
+                cells.append(str(sum(r["lost"] for r in results[name].values())))
+            elif scenario in results[name]:
+                cells.append(show(results[name][scenario]))
+            else:
+                cells.append("–")
+        if scenario is None or scenario in scenarios:
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += ["", "| scenario | target | deliveries/s | publishes/s | p50 | p99 | max | lost | "
+              "server CPU s | load generator CPU s |", "|---" * 10 + "|"]
+    for name in names:
+        for scenario, r in results[name].items():
+            lines.append(f"| {scenario} | {name} | {r['deliveries_per_s']:,.0f} | "
+                         f"{r['publishes_per_s']:,.1f} | {r['p50_ms']:.1f} ms | "
+                         f"{r['p99_ms']:.1f} ms | {r['max_ms']:.1f} ms | {r['lost']} | "
+                         f"{r['server_cpu_s']} | {r['loadgen_cpu_s']} |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    with open("/proc/cpuinfo") as file:
+        model = next((line.split(":", 1)[1].strip() for line in file
+                      if line.startswith("model name")), platform.machine())
+    memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (f"{os.cpu_count()} cores ({model}), {memory_gib:.0f} GiB, Linux "
+            f"{platform.release()}, Python {platform.python_version()}; load generator "
+            f"on the same machine")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help="comma-separated subset of " + ", ".join(SCENARIOS))
+    parser.add_argument("--compare", action="store_true",
+                        help="also run sse-starlette, aiohttp-sse and nginx+nchan")
+    parser.add_argument("--redis", action="store_true",
+                        help="also run two instances of ours behind one Redis")
+    args = parser.parse_args(argv)
+    scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # inherited by the servers
+
+    targets: list[Target] = [OurServer()]
+    if args.compare:
+        from peers import peer_targets      # bench/peers.py: installs and starts the peers
+        targets += peer_targets()
+    redis = None
+    if args.redis:
+        from peers import RedisPair
+        redis = RedisPair()
+        targets.append(redis.first_instance())
+
+    results: dict[str, dict[str, dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="sse-bench-") as folder:
+        loadgen = compile_loadgen(folder)
+        for target in targets:      # one at a time, each a fresh process per scenario
+            results[target.name] = {}
+            for scenario in scenarios:
+                print(f"... {target.name} {scenario}", file=sys.stderr, flush=True)
+                ports = redis if (redis and target is redis.target) else None
+                results[target.name][scenario] = run_scenario(loadgen, target, scenario, ports)
+                print("    " + json.dumps(results[target.name][scenario]), file=sys.stderr)
+    if redis:
+        redis.close()
+
+    table = markdown(results, scenarios)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
+    report = (f"# Benchmark {stamp}\n\nMachine: {machine()}\n\nCommand: "
+              f"`python3 bench/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
+              f"\n\nScenarios (one topic):\n" +
+              "".join(f"- {s}: {SCENARIO_TEXT[s]}\n" for s in scenarios) + "\n" + table + "\n")
+    print(report)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    with open(os.path.join(HERE, "results", f"{stamp}.md"), "w") as file:
+        file.write(report)
+        file.write("\n<details><summary>raw results</summary>\n\n```json\n" +
+                   json.dumps(results, indent=1) + "\n```\n</details>\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, HERE)
+    raise SystemExit(main())
