@@ -446,6 +446,35 @@ class ParsingTests(unittest.TestCase):
             self.assertIn(("WWW-Authenticate", "Bearer"), caught.exception.headers)
 
 
+class ReadHeadersTests(unittest.TestCase):
+    def read(self, data: bytes, max_bytes=32768):
+        return sse_server.read_headers(io.BytesIO(data).readline, max_bytes)
+
+    def test_reads_names_case_insensitively_and_repeats(self):
+        headers = self.read(b"Host: x\r\nX-A:  1 \r\nx-a: 2\nAccept:text/event-stream\r\n\r\nbody")
+        self.assertEqual((headers.get("HOST"), headers["accept"]), ("x", "text/event-stream"))
+        self.assertEqual(headers.get_all("X-A"), ["1", "2"])
+        self.assertIn("x-a", headers)
+        self.assertNotIn("Cookie", headers)
+        self.assertEqual(headers.get_all("Cookie"), [])
+
+    def test_malformed_lines_are_400(self):
+        for data in (b"No colon here\r\n\r\n", b"Host : x\r\n\r\n", b": x\r\n\r\n",
+                     b"Host: x\r\n folded\r\n\r\n", b"Bad Name: x\r\n\r\n",
+                     b"A: x\ry\r\n\r\n", b"A: x\x00\r\n\r\n"):
+            with self.subTest(data=data), self.assertRaises(HTTPError) as caught:
+                self.read(data)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_too_much_is_431(self):
+        for data, limit in ((b"A: " + b"x" * 70_000 + b"\r\n\r\n", 10**6),
+                            (b"".join(b"H%d: v\r\n" % i for i in range(101)) + b"\r\n", 10**6),
+                            (b"A: " + b"x" * 200 + b"\r\n\r\n", 100)):
+            with self.subTest(size=len(data)), self.assertRaises(HTTPError) as caught:
+                self.read(data, limit)
+            self.assertEqual(caught.exception.status, 431)
+
+
 class StaticPathTests(unittest.TestCase):
     def setUp(self):
         self.folder = tempfile.TemporaryDirectory()
