@@ -96,7 +96,8 @@ JWT_COOKIE = "sse_token"        # cookie read for a JWT (EventSource withCredent
 RETRY_AFTER_S = 5               # Retry-After sent with 503 when full
 SHUTDOWN_GRACE_S = 1.5          # time streams get to say goodbye before sockets are cut
 SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
-MAX_CHUNK_BYTES = 256 * 1024    # queued frames are joined into chunks up to this size
+MAX_CHUNK_BYTES = 256 * 1024    # replayed frames are joined into chunks up to this size
+FAN_OUT_SPLIT_SUBSCRIBERS = 500   # a fan-out to more is shared with a helper thread
 THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command line
 
 # Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
@@ -743,6 +744,45 @@ class _Event:
         self.reached = 0
 
 
+class _HelperThread:
+    """A thread that runs one function call at a time for another thread."""
+
+    def __init__(self, name: str):
+        self._name = name
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self._results: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self, function: Callable, *args) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+            self._thread.start()
+        self._jobs.put((function, args))
+
+    def result(self):
+        outcome = self._results.get()
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            function, args = job
+            try:
+                self._results.put(function(*args))
+            except BaseException as error:      # handed to the waiting thread
+                self._results.put(error)
+
+    def close(self) -> None:
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread.join()
+            self._thread = None
+
+
 class _TopicHistory:
     __slots__ = ("events", "evicted_through")
 
@@ -786,6 +826,7 @@ class Broker:
         self._flushing = False              # a leader is writing a batch
         self._flushed_seq = 0               # every event up to this seq is out
         self._flushed = threading.Condition(self._lock)
+        self._helper = _HelperThread("fan-out")    # used by the leader only
         self.events_published = 0
         self.events_delivered = 0
         self.clients_dropped = 0
@@ -874,37 +915,64 @@ class Broker:
         return list(subscribers)
 
     def _write_shares(self, shares) -> list[Subscriber]:
-        """Write (or queue) each subscriber's share. Returns those dropped."""
+        """Write (or queue) each subscriber's share. Returns those dropped.
+
+        A share for very many subscribers is split with a helper thread:
+        os.write releases the GIL, so two threads keep two cores busy in the
+        kernel. Each subscriber is written by one thread, so its order holds."""
         dropped = []
         for subscribers, events in shares:
-            chunked = b"".join([item.chunk for item in events])
-            raw = None
-            newest = events[-1].seq
-            for subscriber in subscribers:
-                mine = events
-                if subscriber.since >= newest or subscriber.since >= events[0].seq:
-                    mine = [item for item in events if item.seq > subscriber.since]
-                    if not mine:
-                        continue
-                if mine is events:
-                    if subscriber.chunked:
-                        data = chunked
-                    else:
-                        raw = raw if raw is not None else b"".join([i.frame for i in events])
-                        data = raw
-                else:
-                    data = b"".join([i.chunk if subscriber.chunked else i.frame for i in mine])
-                outcome = subscriber.deliver(data, self.queue_size)
-                if outcome:
-                    for item in mine:
-                        item.reached += 1
-                elif outcome is False:
-                    dropped.append(subscriber)
-                    logger.warning("dropped a slow subscriber of %s: %d events waiting",
-                                   ",".join(subscriber.topics), self.queue_size)
-                    if subscriber.on_drop:
-                        subscriber.on_drop()
+            data = b"".join([item.chunk for item in events])
+            if len(subscribers) >= FAN_OUT_SPLIT_SUBSCRIBERS:
+                half = len(subscribers) // 2
+                self._helper.start(self._write_share, subscribers[half:], events, data)
+                reached, mine_dropped = self._write_share(subscribers[:half], events, data)
+                more_reached, more_dropped = self._helper.result()
+                reached = [a + b for a, b in zip(reached, more_reached)]
+                mine_dropped += more_dropped
+            else:
+                reached, mine_dropped = self._write_share(subscribers, events, data)
+            for item, count in zip(events, reached):
+                item.reached += count
+            dropped += mine_dropped
         return dropped
+
+    def _write_share(self, subscribers: list[Subscriber], events: list[_Event],
+                     chunked: bytes) -> tuple[list[int], list[Subscriber]]:
+        """Returns how many subscribers each event reached, and who was dropped."""
+        reached = [0] * len(events)
+        everyone = 0        # subscribers that took every event of the share
+        dropped = []
+        raw = None
+        first = events[0].seq
+        for subscriber in subscribers:
+            if subscriber.since >= first:   # registered meanwhile: only later events
+                mine = [i for i, item in enumerate(events) if item.seq > subscriber.since]
+                if not mine:
+                    continue
+                data = b"".join([events[i].chunk if subscriber.chunked else events[i].frame
+                                 for i in mine])
+            else:
+                mine = None
+                if subscriber.chunked:
+                    data = chunked
+                else:
+                    raw = raw if raw is not None else b"".join([i.frame for i in events])
+                    data = raw
+            outcome = subscriber.deliver(data, self.queue_size)
+            if outcome:
+                if mine is None:
+                    everyone += 1
+                else:
+                    for i in mine:
+                        reached[i] += 1
+            elif outcome is False:
+                dropped.append(subscriber)
+                logger.warning("dropped a slow subscriber of %s: %d events waiting",
+                               ",".join(subscriber.topics), self.queue_size)
+                if subscriber.on_drop:
+                    subscriber.on_drop()
+        return [count + everyone for count in reached], dropped
 
     def _remember(self, topics: list[str], event: _Event) -> None:
         for topic in topics:
@@ -1014,6 +1082,10 @@ class Broker:
             self._subscriber_count = 0
         for subscriber in subscribers:
             subscriber.end(SHUTDOWN)
+        with self._lock:        # a fan-out in progress still needs its helper
+            while self._flushing:
+                self._flushed.wait()
+        self._helper.close()
         return list(subscribers)
 
     # Introspection

@@ -127,7 +127,7 @@ class OurServer(Target):
     def start(self, port):
         return subprocess.Popen(
             [sys.executable, os.path.join(ROOT, "sse_server.py"), "--port", str(port),
-             "--log-level", "warning", "--max-clients", "20000", *self.extra],
+             "--log-level", "warning", "--max-clients", "19000", *self.extra],
             stdout=subprocess.DEVNULL)
 
 
