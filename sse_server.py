@@ -22,12 +22,15 @@ Python API
     server.shutdown(); server.server_close()
 
 How it works: ThreadingHTTPServer gives every connection a thread. A
-subscriber's thread registers a Subscriber (topics + a queue) with the Broker,
-then loops: wait on its queue, write what arrived as one chunk, or write a
-heartbeat comment when nothing arrived for a while. Broker.publish formats an
-event once and puts the same bytes into the queue of every subscriber of its
-topics; it never waits for a client. A subscriber whose queue is full is
-dropped, so a slow client can only ever hurt itself.
+subscriber's thread registers a Subscriber (topics, a queue, its socket) with
+the Broker, then waits on its queue, writing what arrives, or a heartbeat
+comment when nothing did for a while. Broker.publish formats an event once;
+the fan-out writes it straight to every idle subscriber's socket without
+waking its thread, and queues it for the busy ones. Nothing ever waits for a
+client: a subscriber whose queue is full is dropped, so a slow client only
+hurts itself. Event ids and per-topic history make reconnection lossless
+(Last-Event-ID); --redis shares all of it between instances; JWT scopes,
+CORS, TLS and per-client limits are there for exposed deployments.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import gc
 import contextlib
+import gc
 import hashlib
 import hmac
 import http.cookies

@@ -513,10 +513,21 @@ def drain(subscriber):
     return frames
 
 
+def unchunk(data: bytes) -> bytes:
+    """The payload of concatenated HTTP chunks (what a broker queue holds)."""
+    payload = b""
+    while data:
+        size_line, _, data = data.partition(b"\r\n")
+        size = int(size_line, 16)
+        payload, data = payload + data[:size], data[size + 2:]
+    return payload
+
+
 def data_of(frames):
+    """The data of every event in queued items (chunked) or replay frames (raw)."""
     parser = EventStreamParser()
     for frame in frames:
-        parser.feed(frame)
+        parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
     return [event.data for event in parser.events]
 
 
@@ -672,6 +683,71 @@ class BrokerTests(unittest.TestCase):
             for p in range(8):
                 self.assertEqual([d for d in got if d.startswith(f"{p}:")],
                                  [f"{p}:{n}" for n in range(500)])
+
+
+class FastPathTests(unittest.TestCase):
+    """Direct writes to idle subscribers (Subscriber's ownership rules)."""
+
+    def setUp(self):
+        self.server_end, self.client_end = socket.socketpair()
+        self.addCleanup(self.server_end.close)
+        self.addCleanup(self.client_end.close)
+        self.server_end.setblocking(False)
+        self.broker = Broker(queue_size=1_000_000)
+        self.subscriber, _ = self.broker.subscribe(["a"], fd=self.server_end.fileno())
+
+    def received(self) -> bytes:
+        self.client_end.setblocking(False)
+        data = b""
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                data += self.client_end.recv(1 << 20)
+        return data
+
+    def test_busy_until_its_thread_releases_then_direct(self):
+        self.broker.publish("a", "queued")              # the thread still owns the socket
+        self.assertEqual(data_of(drain(self.subscriber)), ["queued"])
+        self.subscriber.release()
+        self.broker.publish("a", "direct")
+        self.assertTrue(self.subscriber.queue.empty())
+        self.assertEqual(data_of([self.received()]), ["direct"])
+
+    def test_partial_write_queues_the_rest_first_and_keeps_order(self):
+        self.subscriber.release()
+        payload = "x" * 50_000
+        for n in range(100):        # far more than the socket buffers hold
+            self.broker.publish("a", f"{n} {payload}")
+        self.assertTrue(self.subscriber.busy)
+        wire = self.received() + b"".join(drain(self.subscriber))
+        self.assertEqual(data_of([wire]), [f"{n} {payload}" for n in range(100)])
+
+    def test_claim_for_heartbeat_and_end(self):
+        self.subscriber.release()
+        self.assertTrue(self.subscriber.claim())        # its thread writes a heartbeat
+        self.broker.publish("a", "meanwhile")
+        self.assertEqual(self.received(), b"")          # queued, not interleaved
+        self.assertFalse(self.subscriber.claim())       # something waits: write that first
+        self.subscriber.end()
+        self.broker.publish("a", "after the end")
+        self.assertEqual(data_of(drain(self.subscriber)), ["meanwhile"])
+        self.assertEqual(self.received(), b"")
+
+    def test_http10_subscriber_gets_raw_frames(self):
+        broker = Broker()
+        subscriber, _ = broker.subscribe(["a"], fd=self.server_end.fileno(), chunked=False)
+        subscriber.release()
+        event_id = broker.publish("a", "raw").id
+        self.assertEqual(self.received(), f"id: {event_id}\ndata: raw\n\n".encode())
+
+    def test_many_subscribers_split_with_a_helper_keep_order(self):
+        broker = Broker(queue_size=1_000_000)
+        subscribers = [broker.subscribe(["b"])[0] for _ in range(
+            sse_server.FAN_OUT_SPLIT_SUBSCRIBERS + 1)]
+        for n in range(5):
+            self.assertEqual(broker.publish("b", str(n)).subscribers, len(subscribers))
+        for subscriber in subscribers:
+            self.assertEqual(data_of(drain(subscriber)), ["0", "1", "2", "3", "4"])
+        broker.close()
 
 
 # --- Servers on port 0 ---------------------------------------------------------------------

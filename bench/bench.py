@@ -193,7 +193,9 @@ def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
         cells = []
         for name in names:
             if scenario is None:
-                cells.append(str(sum(r["lost"] for r in results[name].values())))
+                cells.append(str(sum(r.get("lost", 0) for r in results[name].values())))
+            elif "error" in results[name].get(scenario, {}):
+                cells.append("failed")
             elif scenario in results[name]:
                 cells.append(show(results[name][scenario]))
             else:
@@ -204,6 +206,9 @@ def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
               "server CPU s | load generator CPU s |", "|---" * 10 + "|"]
     for name in names:
         for scenario, r in results[name].items():
+            if "error" in r:
+                lines.append(f"| {scenario} | {name} | failed: {r['error']} |" + " |" * 7)
+                continue
             lines.append(f"| {scenario} | {name} | {r['deliveries_per_s']:,.0f} | "
                          f"{r['publishes_per_s']:,.1f} | {r['p50_ms']:.1f} ms | "
                          f"{r['p99_ms']:.1f} ms | {r['max_ms']:.1f} ms | {r['lost']} | "
@@ -252,8 +257,12 @@ def main(argv=None) -> int:
             for scenario in scenarios:
                 print(f"... {target.name} {scenario}", file=sys.stderr, flush=True)
                 ports = redis if (redis and target is redis.target) else None
-                results[target.name][scenario] = run_scenario(loadgen, target, scenario, ports)
-                print("    " + json.dumps(results[target.name][scenario]), file=sys.stderr)
+                try:
+                    result = run_scenario(loadgen, target, scenario, ports)
+                except RuntimeError as error:   # reported in the table; the run goes on
+                    result = {"error": str(error)}
+                results[target.name][scenario] = result
+                print("    " + json.dumps(result), file=sys.stderr)
     if redis:
         redis.close()
 
