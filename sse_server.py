@@ -1554,18 +1554,24 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _respond(self, status: HTTPStatus, body: bytes, *,
                  content_type: str = TEXT_CONTENT_TYPE,
                  headers: Iterable[tuple[str, str]] = ()) -> None:
+        if status != HTTPStatus.NO_CONTENT:
+            headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
+                       *headers]
+        head = self._head(status, headers)
+        self.log_request(status.value, len(body))
+        self._send_all(head if self.command == "HEAD" else head + body)
+
+    def _head(self, status: HTTPStatus, headers: Iterable[tuple[str, str]]) -> bytes:
+        """Status line and headers (with CORS and Connection: close as due).
+        Every value is checked: no CR, LF or NUL reaches the wire."""
         lines = [f"{self.protocol_version} {status.value} {status.phrase}",
                  f"Server: {self.version_string()}", f"Date: {self.date_time_string()}"]
-        if status != HTTPStatus.NO_CONTENT:
-            lines += [f"Content-Type: {content_type}", f"Content-Length: {len(body)}"]
         for name, value in [*headers, *self._cors]:
             _check_field(name, value)
             lines.append(f"{name}: {value}")
         if self.close_connection:
             lines.append("Connection: close")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.log_request(status.value, len(body))
-        self._send_all(head if self.command == "HEAD" else head + body)
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
     def _respond_json(self, payload: dict) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
@@ -1719,14 +1725,11 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                     pass
 
     def _stream(self, subscriber: Subscriber, replay: list[bytes]) -> None:
-        headers = [f"{self.protocol_version} 200 OK",
-                   f"Server: {self.version_string()}", f"Date: {self.date_time_string()}",
-                   f"Content-Type: {EVENT_STREAM_CONTENT_TYPE}",
-                   "Cache-Control: no-cache", "X-Accel-Buffering: no",
-                   "Transfer-Encoding: chunked" if self._chunked else "Connection: close",
-                   *(f"{name}: {value}" for name, value in self._cors)]
+        head = self._head(HTTPStatus.OK, [
+            ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            *([("Transfer-Encoding", "chunked")] if self._chunked else [])])
         self.log_request(200)
-        head = ("\r\n".join(headers) + "\r\n\r\n").encode("latin-1")
         # First bytes at once, so EventSource fires `open` and proxies see a start.
         hello = CONNECTED_COMMENT + format_retry(self.server.retry_ms)
         self._send_all(head + self._frame(hello))
