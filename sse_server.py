@@ -1902,6 +1902,10 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
                  redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
+        if not write_timeout_s or write_timeout_s <= 0:
+            # A stream socket with a timeout is non-blocking underneath, which
+            # is what keeps a publisher's direct write from ever waiting.
+            raise ValueError("write_timeout_s must be a positive number of seconds")
         if ":" in server_address[0]:
             self.address_family = socket.AF_INET6
         self.static_dir = static_dir or os.path.join(

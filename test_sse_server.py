@@ -688,6 +688,11 @@ class BrokerTests(unittest.TestCase):
 class FastPathTests(unittest.TestCase):
     """Direct writes to idle subscribers (Subscriber's ownership rules)."""
 
+    def test_server_needs_a_write_timeout(self):
+        for bad in (None, 0, -1):
+            with self.subTest(write_timeout_s=bad), self.assertRaises(ValueError):
+                SSEServer(("127.0.0.1", 0), write_timeout_s=bad)
+
     def setUp(self):
         self.server_end, self.client_end = socket.socketpair()
         self.addCleanup(self.server_end.close)
