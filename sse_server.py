@@ -81,7 +81,7 @@ logger = logging.getLogger("sse_server")
 DEFAULT_PORT = 8000
 HEARTBEAT_S = 15.0              # idle time before a ": heartbeat" comment
 RETRY_MS = 3000                 # reconnection delay told to clients at connect
-QUEUE_SIZE = 1000               # events a subscriber may have waiting before it is dropped
+QUEUE_SIZE = 1000               # writes (an event or a batch) waiting before a subscriber is dropped
 MAX_BODY_BYTES = 64 * 1024      # largest publish body accepted
 HISTORY_SIZE = 1000             # events kept per topic for Last-Event-ID replay
 MAX_TOPICS = 10_000             # topics holding history; least recently published dropped first
@@ -2083,7 +2083,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry", metavar="MS", type=int, default=RETRY_MS,
                         help="reconnection delay sent to clients when they connect")
     parser.add_argument("--queue-size", metavar="N", type=int, default=QUEUE_SIZE,
-                        help="events a subscriber may have waiting before it is dropped")
+                        help="writes (each an event or a batch of events) a subscriber may "
+                             "have waiting, once its socket buffer is full, before it is dropped")
     parser.add_argument("--max-body", metavar="BYTES", type=int, default=MAX_BODY_BYTES,
                         help="largest publish body (413 beyond)")
     parser.add_argument("--publish-token", metavar="T",
