@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
-import contextlib
 import gc
 import hashlib
 import hmac
@@ -55,7 +54,7 @@ import queue
 import random
 import re
 import secrets
-import selectors
+import select
 import signal
 import socket
 import sys
@@ -283,6 +282,11 @@ _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 def parse_query(text: str) -> dict[str, list[str]]:
     """Parse a query string or form body strictly: bad percent-encoding,
     invalid UTF-8 or too many fields is a 400, never a silent guess."""
+    if "%" not in text and "+" not in text:     # nothing to decode: the common case
+        pairs = [pair.partition("=")[::2] for pair in text.split("&") if pair]
+        if len(pairs) > MAX_QUERY_FIELDS:
+            raise BadRequest(f"too many fields: at most {MAX_QUERY_FIELDS}")
+        return _group_fields(pairs)
     if _BAD_PERCENT.search(text):
         raise BadRequest("invalid percent-encoding")
     try:
@@ -292,6 +296,10 @@ def parse_query(text: str) -> dict[str, list[str]]:
         raise BadRequest("percent-encoded text is not valid UTF-8") from None
     except ValueError:
         raise BadRequest(f"too many fields: at most {MAX_QUERY_FIELDS}") from None
+    return _group_fields(pairs)
+
+
+def _group_fields(pairs: Iterable[tuple[str, str]]) -> dict[str, list[str]]:
     fields: dict[str, list[str]] = {}
     for name, value in pairs:
         fields.setdefault(name, []).append(value)
@@ -352,31 +360,29 @@ _HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
 
 
 class Headers:
-    """Request headers: names case-insensitive, in order, repeatable."""
+    """Request headers: names case-insensitive, repeatable."""
 
-    __slots__ = ("_items",)
+    __slots__ = ("_fields",)
 
-    def __init__(self, items: list[tuple[str, str]]):
-        self._items = items     # (lower-case name, value)
+    def __init__(self, items: Iterable[tuple[str, str]] = ()):
+        self._fields: dict[str, list[str]] = {}    # lower-case name -> values in order
+        for name, value in items:
+            self._fields.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
-        name = name.lower()
-        for key, value in self._items:
-            if key == name:
-                return value
-        return default
+        values = self._fields.get(name.lower())
+        return values[0] if values else default
 
     __getitem__ = get
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [value for key, value in self._items if key == name]
+        return list(self._fields.get(name.lower(), ()))
 
     def __contains__(self, name: str) -> bool:
-        return self.get(name) is not None
+        return name.lower() in self._fields
 
     def items(self) -> list[tuple[str, str]]:
-        return list(self._items)
+        return [(name, value) for name, values in self._fields.items() for value in values]
 
 
 def read_headers(readline: Callable[[int], bytes], max_bytes: int) -> Headers:
@@ -384,8 +390,9 @@ def read_headers(readline: Callable[[int], bytes], max_bytes: int) -> Headers:
     name that is not a token, whitespace before the colon, a folded line
     (obs-fold) or a CR/NUL inside a value is a 400; too much is a 431.
     End of input ends the section (the request is then judged as it stands)."""
-    items: list[tuple[str, str]] = []
-    total = 0
+    headers = Headers()
+    fields = headers._fields
+    count = total = 0
     while True:
         line = readline(MAX_HEADER_LINE_BYTES + 1)
         total += len(line)
@@ -393,8 +400,9 @@ def read_headers(readline: Callable[[int], bytes], max_bytes: int) -> Headers:
             raise HTTPError(f"request header section larger than {max_bytes} bytes",
                             status=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
         if line in (b"\r\n", b"\n", b""):
-            return Headers(items)
-        if len(items) >= MAX_HEADER_COUNT:
+            return headers
+        count += 1
+        if count > MAX_HEADER_COUNT:
             raise HTTPError(f"more than {MAX_HEADER_COUNT} request headers",
                             status=HTTPStatus.REQUEST_HEADER_FIELDS_TOO_LARGE)
         text = line.decode("latin-1").rstrip("\n")
@@ -406,7 +414,7 @@ def read_headers(readline: Callable[[int], bytes], max_bytes: int) -> Headers:
         value = value.strip(" \t")
         if "\r" in value or "\0" in value:
             raise BadRequest(f"invalid character in header {name}")
-        items.append((name.lower(), value))
+        fields.setdefault(name.lower(), []).append(value)
 
 
 def resolve_static_path(root: str, url_path: str) -> Optional[str]:
@@ -1561,6 +1569,18 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.log_request(status.value, len(body))
         self._send_all(head if self.command == "HEAD" else head + body)
 
+    _date_cache = (0, "")     # (second, Date header text): formatting it is not free
+
+    def date_time_string(self, timestamp: Optional[float] = None) -> str:
+        if timestamp is not None:
+            return super().date_time_string(timestamp)
+        second = int(time.time())
+        cached_second, text = SSERequestHandler._date_cache
+        if cached_second != second:
+            text = super().date_time_string(second)
+            SSERequestHandler._date_cache = (second, text)
+        return text
+
     def _head(self, status: HTTPStatus, headers: Iterable[tuple[str, str]]) -> bytes:
         """Status line and headers (with CORS and Connection: close as due).
         Every value is checked: no CR, LF or NUL reaches the wire."""
@@ -1681,8 +1701,11 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         # The stream ends when the token that allowed it expires (a monotonic deadline).
         self._stream_deadline = (None if expires is None else
                                  time.monotonic() + max(0.0, expires - time.time()))
-        with self.server.client_slot(self.client_address[0]):
+        self.server.take_client_slot(self.client_address[0])
+        try:
             self._subscribe_and_stream(topics, last_event_id)
+        finally:
+            self.server.release_client_slot(self.client_address[0])
 
     def _subscribe_and_stream(self, topics: list[str], last_event_id: Optional[str]) -> None:
         self.close_connection = True    # the stream ends only by closing
@@ -1732,7 +1755,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.log_request(200)
         # First bytes at once, so EventSource fires `open` and proxies see a start.
         hello = CONNECTED_COMMENT + format_retry(self.server.retry_ms)
-        self._send_all(head + self._frame(hello))
+        self.connection.sendall(head + self._frame(hello))   # write timeout already set
         self._write_frames(replay)
         del replay
         # Nothing more is read from a stream: free what parsing the request
@@ -1801,66 +1824,71 @@ class HangupWatcher:
 
     A stream's thread only learns its client left when a write fails, which
     can take two heartbeats. Watching every stream socket for EOF in one
-    selector frees the thread and its --max-clients slot at once. Streams
-    never read after their request, so a readable stream socket means EOF,
-    a reset, or bytes the client should not have sent; MSG_PEEK tells which.
-    Without MSG_DONTWAIT (Windows) it does nothing and heartbeats do the job.
+    epoll frees the thread and its --max-clients slot at once. Streams never
+    read after their request, so a readable stream socket means EOF, a reset,
+    or bytes the client should not have sent; MSG_PEEK tells which. Where
+    there is no epoll (macOS, Windows) it does nothing and heartbeats do the job.
     """
 
     def __init__(self):
-        # _lock guards the selector's registrations and _thread; select()
-        # itself runs unlocked so watch() and forget() never wait on it.
+        # _lock guards _callbacks and _thread; epoll.poll() itself runs
+        # unlocked, so watch() and forget() never wait on it.
         self._lock = threading.Lock()
-        self._selector: Optional[selectors.BaseSelector] = None
+        self._epoll = None
+        self._callbacks: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
         self._thread: Optional[threading.Thread] = None
         self._wakeup: Optional[tuple[socket.socket, socket.socket]] = None
         self._closed = False
 
     def watch(self, sock: socket.socket, on_hangup: Callable[[], None]) -> None:
-        if not hasattr(socket, "MSG_DONTWAIT"):
+        if not hasattr(select, "epoll"):
             return
         with self._lock:
             if self._closed:
                 return
             if self._thread is None:
-                self._selector = selectors.DefaultSelector()
+                self._epoll = select.epoll()
                 self._wakeup = socket.socketpair()
-                self._selector.register(self._wakeup[0], selectors.EVENT_READ, None)
+                self._epoll.register(self._wakeup[0].fileno(), select.EPOLLIN)
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
                                                 daemon=True)
                 self._thread.start()
-            self._selector.register(sock, selectors.EVENT_READ, on_hangup)
+            self._callbacks[sock.fileno()] = (sock, on_hangup)
+            self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
 
     def forget(self, sock: socket.socket) -> None:
+        """Stop watching; call before the socket is closed (its number is reused)."""
         with self._lock:
-            if self._selector is not None:
-                try:
-                    self._selector.unregister(sock)
-                except (KeyError, ValueError):
-                    pass    # never watched, or already reported
+            fd = sock.fileno()
+            if self._callbacks.get(fd, (None,))[0] is sock:
+                del self._callbacks[fd]
+                self._epoll.unregister(fd)
 
     def _run(self) -> None:
         while True:
-            ready = self._selector.select()
+            ready = self._epoll.poll()
             hung_up = []
             with self._lock:
                 if self._closed:
                     break
-                for key, _ in ready:
-                    if key.data is None or self._selector.get_map().get(key.fd) is not key:
+                for fd, _ in ready:
+                    watched = self._callbacks.get(fd)
+                    if watched is None:
                         continue    # the wake-up socket, or forgotten meanwhile
+                    sock, on_hangup = watched
                     try:
-                        peeked = key.fileobj.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                        peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue    # a stale readiness report
                     except OSError:
                         peeked = b""    # reset by the peer
-                    self._selector.unregister(key.fileobj)
+                    del self._callbacks[fd]
+                    self._epoll.unregister(fd)
                     if not peeked:
-                        hung_up.append(key.data)
+                        hung_up.append(on_hangup)
             for on_hangup in hung_up:
                 on_hangup()
-        self._selector.close()
+        self._epoll.close()
         for sock in self._wakeup:
             sock.close()
 
@@ -1952,21 +1980,20 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                                 do_handshake_on_connect=False)
         return sock, address
 
-    @contextlib.contextmanager
-    def client_slot(self, host: str):
-        """Hold one of the --max-clients-per-ip stream slots of `host`."""
+    def take_client_slot(self, host: str) -> None:
+        """Take one of the --max-clients-per-ip stream slots of `host` (503
+        when none is left); give it back with release_client_slot()."""
         with self._connections_lock:
             if self.max_clients_per_ip and self._streams_per_ip[host] >= self.max_clients_per_ip:
                 raise ServiceUnavailable(
                     f"too many streams from {host} (limit {self.max_clients_per_ip})")
             self._streams_per_ip[host] += 1
-        try:
-            yield
-        finally:
-            with self._connections_lock:
-                self._streams_per_ip[host] -= 1
-                if not self._streams_per_ip[host]:
-                    del self._streams_per_ip[host]
+
+    def release_client_slot(self, host: str) -> None:
+        with self._connections_lock:
+            self._streams_per_ip[host] -= 1
+            if not self._streams_per_ip[host]:
+                del self._streams_per_ip[host]
 
     @property
     def url(self) -> str:
