@@ -805,9 +805,10 @@ class _TopicHistory:
 class Broker:
     """Thread-safe topic registry with per-topic history for replay.
 
-    Publishers never wait for subscribers: each subscriber has a queue, and a
-    subscriber with `queue_size` events still waiting is dropped (its client
-    reconnects and catches up from history with Last-Event-ID)."""
+    Publishers never wait for subscribers: an idle subscriber is written to
+    directly, a busy one gets the bytes in its queue, and a subscriber with
+    `queue_size` writes still waiting is dropped (its client reconnects and
+    catches up from history with Last-Event-ID)."""
 
     def __init__(self, *, queue_size: int = QUEUE_SIZE, history_size: int = HISTORY_SIZE,
                  history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
@@ -821,11 +822,11 @@ class Broker:
         self._clock = clock
         self._started = clock()
         # Locking rule: _lock guards every attribute below. publish() assigns
-        # the id, records history and puts the frame into every subscriber
-        # queue while holding it: that keeps each stream in id order, and makes
-        # subscribe()'s history snapshot + registration atomic, so replay has
-        # no gap and no duplicate. Nothing under the lock can block:
-        # SimpleQueue.put never waits and a full subscriber is dropped.
+        # the id, records history and queues the event for fan-out while
+        # holding it, and subscribe() takes its history snapshot and registers
+        # (noting `since`) under it too, so replay has no gap and no duplicate.
+        # The fan-out itself writes outside the lock, one leader at a time
+        # (_flushing), in seq order; see _flush_locked.
         self._lock = threading.Lock()
         self._seq = 0
         self._subscribers_by_topic: dict[str, set[Subscriber]] = {}
@@ -894,14 +895,12 @@ class Broker:
             self.events_published += len(batch)
             self.clients_dropped += len(dropped)
 
-    def _hand_out_locked(self, frame: bytes, topics: tuple[str, ...], wait: bool = True) -> _Event:
+    def _hand_out_locked(self, frame: bytes, topics: tuple[str, ...], wait: bool = True) -> None:
         """Queue a ready frame for fan-out under the next local seq (Redis mode)."""
         self._seq += 1
-        item = _Event(self._seq, frame, self._clock(), topics)
-        self._pending.append(item)
+        self._pending.append(_Event(self._seq, frame, self._clock(), topics))
         if wait:
-            self._flush_locked(item.seq)
-        return item
+            self._flush_locked(self._seq)
 
     def _shares_locked(self, batch: list[_Event]) -> list[tuple[list[Subscriber], list[_Event]]]:
         """Group the batch by who gets what: [(subscribers, their events)]."""
@@ -1218,10 +1217,8 @@ class RedisBroker(Broker):
         except self._redis_errors as error:
             raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
         with self._lock:
-            local = set()
-            for topic in topic_list:
-                local.update(self._subscribers_by_topic.get(topic, ()))
-        return Published(entry_id, len(local))
+            local = len(self._subscribers_of_locked(tuple(topic_list)))
+        return Published(entry_id, local)
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
                   on_drop: Optional[Callable[[], None]] = None, fd: Optional[int] = None,
