@@ -59,6 +59,7 @@ import signal
 import socket
 import sys
 import threading
+import _thread
 import time
 import urllib.parse
 from http import HTTPStatus
@@ -101,6 +102,9 @@ SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
 MAX_CHUNK_BYTES = 256 * 1024    # replayed frames are joined into chunks up to this size
 FAN_OUT_SPLIT_SUBSCRIBERS = 500   # a fan-out to more is shared with a helper thread
 THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command line
+STARTUP_SLOTS = 1               # connections being set up at once (see SSEServer)
+STARTUP_WAIT_S = 0.05           # accept anyway after waiting this long for a slot
+ACCEPTS_PER_WAKEUP = 64         # connections taken from the backlog per loop turn
 
 # Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
 # is kept for patterns, and no '+', which a query string turns into a space).
@@ -1358,10 +1362,16 @@ class RedisBroker(Broker):
 class _DeadlineReader(io.RawIOBase):
     """Socket reads that share one deadline, so a request trickled in a byte
     at a time (slowloris) still ends when the deadline passes. A per-read
-    timeout alone would restart with every byte."""
+    timeout alone would restart with every byte.
 
-    def __init__(self, sock: socket.socket):
+    On a plain socket, bytes already there are read with one system call
+    (a socket with a timeout polls before every recv). Before the first
+    read that has to wait, the connection's start-up slot is given back."""
+
+    def __init__(self, sock: socket.socket, fd: Optional[int], startup_slot: "StartupSlot"):
         self._sock = sock
+        self._fd = fd       # None for TLS
+        self._startup_slot = startup_slot
         self.deadline: Optional[float] = None
 
     def readable(self) -> bool:
@@ -1372,7 +1382,13 @@ class _DeadlineReader(io.RawIOBase):
             remaining = self.deadline - time.monotonic()
             if remaining <= 0:
                 raise socket.timeout("request not received in time")
-            self._sock.settimeout(remaining)
+            self._sock.settimeout(remaining)    # non-blocking underneath
+            if self._fd is not None:
+                try:
+                    return os.readv(self._fd, [buffer])
+                except BlockingIOError:
+                    pass
+        self._startup_slot.release()
         return self._sock.recv_into(buffer)
 
 
@@ -1388,6 +1404,35 @@ class _SocketWriter(io.RawIOBase):
     def write(self, data) -> int:
         self._sock.sendall(data)
         return len(data)
+
+
+class StartupSlot:
+    """One of SSEServer's start-up slots, held by a new connection's thread
+    until it first waits for anything (see SSEServer). Taking one waits at
+    most `wait_s`, then goes ahead without. release() may be called often."""
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self, semaphore: Optional[threading.Semaphore], wait_s: float = 0.0):
+        if semaphore is not None and not semaphore.acquire(timeout=wait_s):
+            semaphore = None
+        self._semaphore = semaphore
+
+    def release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is not None:
+            semaphore.release()
+
+
+def _apply_threading_hooks() -> None:
+    """Do for a thread started with _thread what threading.Thread does:
+    install the functions given to threading.settrace() and setprofile()
+    (debuggers, coverage tools). Python 3.9 has no public way to read them."""
+    if hasattr(threading, "gettrace"):
+        if threading.gettrace() is not None:
+            sys.settrace(threading.gettrace())
+        if threading.getprofile() is not None:
+            sys.setprofile(threading.getprofile())
 
 
 class _ClientGone(Exception):
@@ -1430,15 +1475,23 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     static_methods = {"GET": "_handle_static", "HEAD": "_handle_static"}
     cors_paths = ("/events", "/publish")
 
+    def __init__(self, request, client_address, server,
+                 startup_slot: Optional[StartupSlot] = None):
+        self.startup_slot = startup_slot or StartupSlot(None)
+        super().__init__(request, client_address, server)
+
     def setup(self) -> None:
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.server.tls_context is not None:
             # The handshake runs here, in this connection's thread, never in the
             # accept loop: a plain-HTTP or stalled client only ties up itself.
+            self.startup_slot.release()
             self.connection.settimeout(self.server.request_timeout_s)
             self.connection.do_handshake()
-        self._reader = _DeadlineReader(self.connection)
+        # A plain socket's descriptor, for single-system-call reads and writes.
+        self._fd = self.connection.fileno() if self.server.tls_context is None else None
+        self._reader = _DeadlineReader(self.connection, self._fd, self.startup_slot)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
         self.wfile = _SocketWriter(self.connection)   # the base class flushes it
         self._stream_lock = threading.Lock()
@@ -1595,7 +1648,17 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._respond(HTTPStatus.OK, body, content_type=JSON_CONTENT_TYPE)
 
     def _send_all(self, data: bytes) -> None:
-        self.connection.settimeout(self.server.write_timeout_s)
+        """Write all of `data`, waiting at most the write timeout for room.
+        On a plain socket, first one direct write: usually all that is needed
+        (sendall on a socket with a timeout polls before it sends)."""
+        self.connection.settimeout(self.server.write_timeout_s)   # non-blocking underneath
+        if self._fd is not None:
+            try:
+                data = data[os.write(self._fd, data):]
+            except BlockingIOError:
+                pass
+            if not data:
+                return
         self.connection.sendall(data)
 
     def send_error(self, code: int, message: Optional[str] = None,
@@ -1752,7 +1815,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.log_request(200)
         # First bytes at once, so EventSource fires `open` and proxies see a start.
         hello = CONNECTED_COMMENT + format_retry(self.server.retry_ms)
-        self.connection.sendall(head + self._frame(hello))   # write timeout already set
+        self._send_all(head + self._frame(hello))
         self._write_frames(replay)
         del replay
         # Nothing more is read from a stream: free what parsing the request
@@ -1763,6 +1826,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         deadline = self._stream_deadline
         queue_get = subscriber.queue.get
         send = self.connection.sendall
+        self.startup_slot.release()     # set up: let the next connection in
         while True:
             subscriber.release()        # idle: publishers may write to the socket directly
             timeout = heartbeat_s
@@ -1906,10 +1970,28 @@ class HangupWatcher:
 class SSEServer(http.server.ThreadingHTTPServer):
     """The HTTP server: owns the broker and the settings.
 
+    Each connection gets its own thread, for as long as it lasts, as in any
+    ThreadingHTTPServer. Two things differ, both for bursts of thousands of
+    connects (measured in bench/, explained in the README):
+
+    - Handler threads are started with _thread.start_new_thread, the
+      documented low-level API. A threading.Thread costs ~2.5 KiB more per
+      connection (its Event, Condition and locks) and a start-up handshake
+      in which the accepting thread sleeps until the new one runs. Handler
+      threads are therefore not in threading.enumerate(); the server counts
+      them itself, and they are daemonic (they never keep the process alive).
+    - Connections are set up STARTUP_SLOTS at a time. A new connection's
+      thread needs the GIL for ~100 us of parsing and subscribing; with
+      hundreds of them starting at once every system call becomes a GIL
+      hand-off between threads, which tripled the CPU per connection. The
+      accepting thread takes a slot before each accept; the handler gives it
+      back as soon as it would wait for anything (the client's bytes, the
+      next event, a TLS handshake), so a silent or slow client holds no
+      slot, and after STARTUP_WAIT_S the accept goes ahead regardless.
+
     shutdown() stops accepting, ends every stream with a `retry:` spread and
     a terminating chunk, and returns within about two seconds."""
 
-    daemon_threads = True       # a stuck client never keeps the process alive
     request_queue_size = 4096   # listen backlog (the default 5 stalls bursts of connects)
 
     def __init__(self, server_address, *, static_dir: Optional[str] = None,
@@ -1962,6 +2044,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         self._streams: set[socket.socket] = set()
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
         self._handler_threads = 0
+        self._startup_slots = threading.BoundedSemaphore(STARTUP_SLOTS)
         self._serving = False
         self._hangups = HangupWatcher()
         try:
@@ -1969,6 +2052,28 @@ class SSEServer(http.server.ThreadingHTTPServer):
         except BaseException:
             self.broker.close()     # stops the Redis reader, if any
             raise
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)      # accept until the backlog is empty
+
+    def _handle_request_noblock(self) -> None:
+        """Called by serve_forever when the listening socket is readable:
+        accept what is waiting (a bounded number, so shutdown is noticed),
+        each once a start-up slot is free."""
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            slot = StartupSlot(self._startup_slots, STARTUP_WAIT_S)
+            try:
+                request, client_address = self.get_request()
+            except OSError:     # BlockingIOError: the backlog is empty
+                slot.release()
+                return
+            try:
+                self.process_request(request, client_address, slot)
+            except Exception:
+                slot.release()
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
 
     def get_request(self):
         sock, address = super().get_request()
@@ -2013,21 +2118,32 @@ class SSEServer(http.server.ThreadingHTTPServer):
         finally:
             self._serving = False
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request, client_address, slot=None) -> None:
+        """Start the connection's thread (see the class docstring)."""
+        slot = slot or StartupSlot(None)
         with self._connections_lock:
             self._connections.add(request)
             self._handler_threads += 1
         try:
-            super().process_request(request, client_address)
+            _thread.start_new_thread(self.process_request_thread,
+                                     (request, client_address, slot))
         except BaseException:
             self._handler_finished(request)
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request, client_address, slot) -> None:
+        _apply_threading_hooks()
         try:
-            super().process_request_thread(request, client_address)
+            self.finish_request(request, client_address, slot)
+        except Exception:
+            self.handle_error(request, client_address)
         finally:
+            slot.release()      # if the handler has not already
+            self.shutdown_request(request)
             self._handler_finished(request)
+
+    def finish_request(self, request, client_address, slot=None) -> None:
+        self.RequestHandlerClass(request, client_address, self, startup_slot=slot)
 
     def _handler_finished(self, request) -> None:
         with self._connections_lock:
@@ -2237,6 +2353,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(problem)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Log records name their thread only if asked to; asking from a handler
+    # thread (not a threading.Thread, see SSEServer) would register a dummy
+    # Thread object for it in the threading module, one per connection.
+    logging.logThreads = False
     threading.stack_size(THREAD_STACK_BYTES)   # thousands of subscriber threads
     _enlarge_futex_hash()
     # Thousands of long-lived objects per thousand subscribers: keep the

@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -63,6 +64,16 @@ def setUpModule():
 def tearDownModule():
     logging.getLogger("sse_server").removeHandler(SERVER_LOG)
 WAIT_S = 10.0   # upper bound for any single wait; a healthy run is far quicker
+
+
+def live_threads() -> int:
+    """Threads of this process as the OS counts them. The server starts its
+    handler threads with _thread (see SSEServer), which the threading module
+    does not list; /proc does (on Linux; elsewhere they go uncounted)."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except FileNotFoundError:
+        return threading.active_count()
 
 
 def wait_until(predicate, timeout=WAIT_S, message="condition"):
@@ -764,7 +775,7 @@ class ServerTestCase(unittest.TestCase):
     handler_class = SSERequestHandler
 
     def setUp(self):
-        self.baseline_threads = threading.active_count()
+        self.baseline_threads = live_threads()
         self.server = self.start_server(**self.server_options)
         self.port = self.server.server_address[1]
 
@@ -774,8 +785,8 @@ class ServerTestCase(unittest.TestCase):
 
     def tearDown(self):
         self.doCleanups()
-        wait_until(lambda: threading.active_count() <= self.baseline_threads,
-                   message=f"threads to end: {threading.enumerate()}")
+        wait_until(lambda: live_threads() <= self.baseline_threads,
+                   message=f"threads to end (back to {self.baseline_threads})")
 
     def subscribe(self, query="topic=t", **kwargs):
         client = StreamClient(self.port, query, **kwargs)
@@ -929,14 +940,14 @@ class ConcurrencyTests(ServerTestCase):
         self.subscribed(0)
         base_subscribers = self.server.broker.subscriber_count
         wait_until(lambda: self.server.stats()["connections"] == 0, message="connections")
-        base_threads = threading.active_count()
+        base_threads = live_threads()
         clients = [StreamClient(self.port, f"topic=c{n % 5}") for n in range(50)]
         self.subscribed(50)
-        self.assertEqual(threading.active_count(), base_threads + 50)
+        self.assertEqual(live_threads(), base_threads + 50)
         for client in clients:
             client.close()
         self.subscribed(base_subscribers)
-        wait_until(lambda: threading.active_count() == base_threads, message="threads")
+        wait_until(lambda: live_threads() == base_threads, message="threads")
         wait_until(lambda: self.server.stats()["connections"] == 0, message="connections")
 
 
@@ -1338,6 +1349,68 @@ class RequestTimeoutTests(ServerTestCase):
         self.assertEqual(client.next_event().data, "late")
 
 
+def startup_slot_free(server) -> bool:
+    """True if a start-up slot is free (checked by taking and returning one)."""
+    if not server._startup_slots.acquire(blocking=False):
+        return False
+    server._startup_slots.release()
+    return True
+
+
+class StartupTests(ServerTestCase):
+    """How connections are set up: start-up slots, _thread handler threads."""
+
+    server_options = {"request_timeout_s": 30}
+
+    def test_silent_and_slow_clients_hold_no_startup_slot(self):
+        clients = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(20)]
+        for client in clients:
+            self.addCleanup(client.close)
+        clients[0].sendall(b"GET /events?topic=t HTTP/1.1\r\n")    # and no more
+        wait_until(lambda: self.server.stats()["connections"] == 20, message="accepted")
+        # Each handler gave its slot back when it had to wait for bytes, long
+        # before the 30 s request timeout would have ended it.
+        wait_until(lambda: startup_slot_free(self.server), timeout=5, message="a free slot")
+        self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
+        client = self.subscribe()
+        self.server.broker.publish("t", "still served")
+        self.assertEqual(client.next_event().data, "still served")
+
+    def test_a_slot_is_given_back_once(self):
+        slots = threading.BoundedSemaphore(1)
+        first = sse_server.StartupSlot(slots, wait_s=WAIT_S)
+        second = sse_server.StartupSlot(slots, wait_s=0.01)    # none left: goes ahead
+        for slot in (second, second, first, first):
+            slot.release()      # a BoundedSemaphore raises if released too often
+        self.assertTrue(slots.acquire(blocking=False))
+
+    @unittest.skipUnless(hasattr(threading, "gettrace"), "threading.gettrace is 3.10+")
+    def test_handler_threads_get_threading_trace_hooks(self):
+        traced_threads = set()
+
+        def tracer(frame, event, arg):
+            if frame.f_code.co_name == "_handle_healthz":
+                traced_threads.add(threading.get_ident())
+
+        threading.settrace(tracer)
+        self.addCleanup(threading.settrace, None)
+        self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
+        self.assertEqual(len(traced_threads), 1)
+        self.assertNotIn(threading.get_ident(), traced_threads)
+
+    def test_large_response_is_written_whole(self):
+        # More than one direct write can take: the rest goes through sendall.
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        content = os.urandom(8 * 2**20)
+        with open(os.path.join(folder, "big.bin"), "wb") as file:
+            file.write(content)
+        server = self.start_server(static_dir=folder)
+        status, headers, body = http_request(server.server_address[1], "GET", "/big.bin")
+        self.assertEqual((status, len(body)), (200, len(content)))
+        self.assertEqual(body, content)
+
+
 class MaxClientsTests(ServerTestCase):
     server_options = {"max_clients": 2}
 
@@ -1551,7 +1624,7 @@ class BrowserTests(unittest.TestCase):
     def setUp(self):
         if not CHROMIUM:
             self.fail("SSE_REQUIRE_BROWSER=1 but no Chromium was found")
-        self.baseline_threads = threading.active_count()
+        self.baseline_threads = live_threads()
         self.server = self.start_server(0)
         self.port = self.server.server_address[1]
         self.profile = tempfile.mkdtemp(prefix="sse-chromium-")
@@ -1586,7 +1659,7 @@ class BrowserTests(unittest.TestCase):
 
     def tearDown(self):
         self.doCleanups()
-        wait_until(lambda: threading.active_count() <= self.baseline_threads,
+        wait_until(lambda: live_threads() <= self.baseline_threads,
                    message="threads to end")
 
     def page_events(self):
@@ -1953,8 +2026,14 @@ class TLSTests(ServerTestCase):
         self.assertEqual(client.sock.version()[:6], "TLSv1.")
         self.assertIn(client.sock.version(), ("TLSv1.2", "TLSv1.3"))
 
+    def test_a_client_silent_before_the_handshake_holds_no_startup_slot(self):
+        server = self.start_server(certfile=self.cert, keyfile=self.key, request_timeout_s=30)
+        with socket.create_connection(server.server_address):     # and silent
+            wait_until(lambda: server.stats()["connections"] == 1, message="accepted")
+            wait_until(lambda: startup_slot_free(server), timeout=5, message="a free slot")
+
     def test_plain_http_to_the_tls_port_does_not_hang(self):
-        threads = threading.active_count()
+        threads = live_threads()
         started = time.monotonic()
         answer = raw_exchange(self.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertNotIn(b"ok", answer)
@@ -1963,7 +2042,7 @@ class TLSTests(ServerTestCase):
             with contextlib.suppress(ConnectionResetError):
                 self.assertEqual(silent.recv(100), b"")     # handshake timed out: closed
         self.assertLess(time.monotonic() - started, 3)
-        wait_until(lambda: threading.active_count() <= threads, message="handler threads")
+        wait_until(lambda: live_threads() <= threads, message="handler threads")
         self.assertEqual(SERVER_LOG.tracebacks(), [])
 
 
@@ -2059,7 +2138,7 @@ class RedisTests(unittest.TestCase):
     def setUp(self):
         if not (REDIS_SERVER and redis_package):
             self.fail("SSE_REQUIRE_REDIS=1 but redis-server or the redis package is missing")
-        self.baseline_threads = threading.active_count()
+        self.baseline_threads = live_threads()
         self.redis = RedisProcess()
         self.addCleanup(self.redis.cleanup)
         self.redis.start()
@@ -2074,8 +2153,8 @@ class RedisTests(unittest.TestCase):
 
     def tearDown(self):
         self.doCleanups()
-        wait_until(lambda: threading.active_count() <= self.baseline_threads,
-                   message=f"threads to end: {threading.enumerate()}")
+        wait_until(lambda: live_threads() <= self.baseline_threads,
+                   message=f"threads to end (back to {self.baseline_threads})")
 
     def subscribe(self, server, query, **kwargs):
         client = StreamClient(server.server_address[1], query, **kwargs)
