@@ -63,7 +63,7 @@ import _thread
 import time
 import urllib.parse
 from http import HTTPStatus
-from typing import Callable, Iterable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
     "SSEServer", "SSERequestHandler", "Broker", "Subscriber", "Published",
@@ -746,6 +746,10 @@ class Subscriber:
             if item is not None:
                 self.queue.put(item)
 
+    def hang_up(self) -> None:
+        """The client is gone: end the stream."""
+        self.end(CLIENT_GONE)
+
 
 class _Event:
     __slots__ = ("seq", "frame", "chunk", "topics", "created", "reached")
@@ -1392,18 +1396,23 @@ class _DeadlineReader(io.RawIOBase):
         return self._sock.recv_into(buffer)
 
 
-class _SocketWriter(io.RawIOBase):
-    """Unbuffered writes straight to the socket (responses are built whole)."""
+class _SocketWriter:
+    """The handler's wfile, for BaseHTTPRequestHandler's own methods (its
+    send_response and end_headers write, handle_one_request flushes).
+    Unbuffered: our responses are built whole. A plain class with a slot,
+    not an io object with a dict: every subscriber keeps one."""
+
+    __slots__ = ("_sock",)
 
     def __init__(self, sock: socket.socket):
         self._sock = sock
 
-    def writable(self) -> bool:
-        return True
-
     def write(self, data) -> int:
         self._sock.sendall(data)
         return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 class StartupSlot:
@@ -1440,15 +1449,17 @@ class _ClientGone(Exception):
 
 
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
+_COMMON_WORDS = {word: word for word in ("GET", "HEAD", "POST", "OPTIONS", "HTTP/1.1", "HTTP/1.0")}
 _TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])access_token=)[^&\s\"]*")
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
-def cors_headers(allowed_origins: list[str], origin: Optional[str]) -> list[tuple[str, str]]:
+def cors_headers(allowed_origins: list[str],
+                 origin: Optional[str]) -> Sequence[tuple[str, str]]:
     """CORS answer headers for a request from `origin`; none for other origins.
     A listed origin may send credentials (cookies); "*" never may."""
     if not allowed_origins:
-        return []
+        return ()
     vary = [] if allowed_origins == ["*"] else [("Vary", "Origin")]
     if origin and origin in allowed_origins:
         return [("Access-Control-Allow-Origin", origin),
@@ -1460,6 +1471,15 @@ def cors_headers(allowed_origins: list[str], origin: Optional[str]) -> list[tupl
 
 class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     """Routes requests; streams events for GET /events."""
+
+    # Slots, not a dict per handler: a stream's handler lives as long as its
+    # connection, and the dict cost ~800 bytes per subscriber. (Attributes
+    # not listed here, a subclass's say, still work: they go in a dict.)
+    __slots__ = ("request", "client_address", "server", "connection", "rfile", "wfile",
+                 "raw_requestline", "requestline", "command", "path", "request_version",
+                 "headers", "close_connection", "startup_slot", "_fd", "_reader",
+                 "_body_pending", "_cors", "_chunked",
+                 "_stream_deadline")
 
     protocol_version = "HTTP/1.1"      # keep-alive for publishers, chunked streams
     server_version = f"sse_server/{__version__}"
@@ -1494,8 +1514,6 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection, self._fd, self.startup_slot)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
         self.wfile = _SocketWriter(self.connection)   # the base class flushes it
-        self._stream_lock = threading.Lock()
-        self._stream_open = False
         self._body_pending = False
 
     def finish(self) -> None:
@@ -1504,7 +1522,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         self._reader.deadline = time.monotonic() + self.server.request_timeout_s
-        self._cors = []
+        self._cors = ()
         super().handle_one_request()
 
     def parse_request(self) -> bool:
@@ -1520,6 +1538,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_error(HTTPStatus.BAD_REQUEST, "malformed request line")
             return False
         command, path, version = words
+        # The usual strings, shared: a stream keeps these for as long as it runs.
+        command = _COMMON_WORDS.get(command, command)
+        version = _COMMON_WORDS.get(version, version)
         match = _HTTP_VERSION.fullmatch(version)
         if not match:
             self.send_error(HTTPStatus.BAD_REQUEST, f"bad HTTP version {version!r}")
@@ -1752,36 +1773,30 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # Subscribe: the stream
 
     def _handle_events(self, url) -> None:
-        query = parse_query(url.query)
-        topics = validate_topics(query.get("topic", []))
-        last_event_id = self.headers.get("Last-Event-ID") or _single(query, "lastEventId")
-        if self._body_pending:
-            raise BadRequest("GET /events takes no body")
-        expires = self.server.access.check_subscribe(topics, self._token(query))
-        # The stream ends when the token that allowed it expires (a monotonic deadline).
-        self._stream_deadline = (None if expires is None else
-                                 time.monotonic() + max(0.0, expires - time.time()))
-        self.server.take_client_slot(self.client_address[0])
-        try:
-            self._subscribe_and_stream(topics, last_event_id)
-        finally:
-            self.server.release_client_slot(self.client_address[0])
-
-    def _subscribe_and_stream(self, topics: list[str], last_event_id: Optional[str]) -> None:
+        """GET /events: check, subscribe, stream until the stream ends. It
+        runs for as long as the connection lasts, so what this frame holds
+        is held per subscriber: the request's leftovers are let go early."""
+        topics, last_event_id = self._check_events_request(url.query)
         self.close_connection = True    # the stream ends only by closing
         self._chunked = self.request_version != "HTTP/1.0"
         # A timeout makes the socket non-blocking underneath: publishers' direct
         # writes never wait, while this thread's sendall waits up to the timeout.
         self.connection.settimeout(self.server.write_timeout_s)
-        direct_fd = self.connection.fileno() if self.server.tls_context is None else None
-        subscriber, replay = self.server.broker.subscribe(
-            topics, last_event_id=last_event_id, on_drop=self._cut_stream,
-            fd=direct_fd, chunked=self._chunked)
-        with self._stream_lock:
-            self._stream_open = True
-        self.server.stream_started(self.connection, lambda: subscriber.end(CLIENT_GONE))
+        host = self.client_address[0]
+        self.server.take_client_slot(host)
         try:
-            self._stream(subscriber, replay)
+            subscriber, replay = self.server.broker.subscribe(
+                topics, last_event_id=last_event_id, on_drop=self._cut_stream,
+                fd=self._fd, chunked=self._chunked)
+        except BaseException:
+            self.server.release_client_slot(host)
+            raise
+        del topics, last_event_id
+        self.server.stream_started(self.connection, subscriber.hang_up)
+        try:
+            self._start_stream(replay)
+            del replay
+            self._stream(subscriber)
         except socket.timeout:
             self.server.broker.count_dropped()
             logger.warning("dropped %s: it accepted no bytes for %ss (--write-timeout)",
@@ -1791,41 +1806,47 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             subscriber.end()    # no direct writes from here on: the socket will close
             self.server.broker.unsubscribe(subscriber)
-            with self._stream_lock:
-                self._stream_open = False
             self.server.stream_ended(self.connection)
+            self.server.release_client_slot(host)
+
+    def _check_events_request(self, query_text: str) -> tuple[list[str], Optional[str]]:
+        """Topics, Last-Event-ID and access of a GET /events (an HTTPError if
+        not allowed). Sets the stream's deadline if a token with exp allowed it."""
+        query = parse_query(query_text)
+        topics = validate_topics(query.get("topic", []))
+        last_event_id = self.headers.get("Last-Event-ID") or _single(query, "lastEventId")
+        if self._body_pending:
+            raise BadRequest("GET /events takes no body")
+        expires = self.server.access.check_subscribe(topics, self._token(query))
+        # The stream ends when the token that allowed it expires (a monotonic deadline).
+        self._stream_deadline = (None if expires is None else
+                                 time.monotonic() + max(0.0, expires - time.time()))
+        return topics, last_event_id
 
     def _cut_stream(self) -> None:
-        """Wake a stream's thread from any blocking write by shutting its socket.
-        Runs on another thread (a publisher, or shutdown); only while the stream
-        is open, because after that the file descriptor may belong to another
-        connection."""
-        with self._stream_lock:
-            if self._stream_open:
-                try:
-                    self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+        """The broker dropped this subscriber: wake its thread from any
+        blocking write (runs on a publisher's thread)."""
+        self.server.cut_stream(self.connection)
 
-    def _stream(self, subscriber: Subscriber, replay: list[bytes]) -> None:
-        head = self._head(HTTPStatus.OK, [
+    def _start_stream(self, replay: list[bytes]) -> None:
+        """Response head and first bytes at once (so EventSource fires `open`
+        and proxies see a start), then the replay."""
+        self.log_request(200)
+        self._send_all(self._head(HTTPStatus.OK, [
             ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
             ("X-Accel-Buffering", "no"),
             *([("Transfer-Encoding", "chunked")] if self._chunked else [])])
-        self.log_request(200)
-        # First bytes at once, so EventSource fires `open` and proxies see a start.
-        hello = CONNECTED_COMMENT + format_retry(self.server.retry_ms)
-        self._send_all(head + self._frame(hello))
+            + self._frame(CONNECTED_COMMENT + format_retry(self.server.retry_ms)))
         self._write_frames(replay)
-        del replay
         # Nothing more is read from a stream: free what parsing the request
-        # needed (a read buffer, the headers), kilobytes per subscriber.
+        # needed (a read buffer, the headers, the request line).
         self.rfile.close()
-        self.rfile = self._reader = self.headers = self.raw_requestline = None
+        self.rfile = self._reader = self.headers = None
+        self.raw_requestline = self.requestline = self.path = None
+
+    def _stream(self, subscriber: Subscriber) -> None:
         heartbeat_s = self.server.heartbeat_s
         deadline = self._stream_deadline
-        queue_get = subscriber.queue.get
-        send = self.connection.sendall
         self.startup_slot.release()     # set up: let the next connection in
         while True:
             subscriber.release()        # idle: publishers may write to the socket directly
@@ -1838,10 +1859,10 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                     return
                 timeout = min(timeout, heartbeat_s)
             try:
-                item = queue_get(timeout=timeout)
+                item = subscriber.queue.get(timeout=timeout)
             except queue.Empty:
                 if (deadline is None or time.monotonic() < deadline) and subscriber.claim():
-                    send(self._frame(HEARTBEAT_COMMENT))
+                    self.connection.sendall(self._frame(HEARTBEAT_COMMENT))
                 continue
             # Everything queued (wire-ready bytes) goes out in one write.
             pieces = []
@@ -1853,7 +1874,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                     item = None
                     break
             if pieces:
-                send(b"".join(pieces))
+                self.connection.sendall(b"".join(pieces))
+                del pieces
             if item is SHUTDOWN:
                 self._end_stream(format_retry(random.randint(*SHUTDOWN_RETRY_MS)))
                 return
@@ -2040,10 +2062,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         # notified whenever a stream or a handler thread ends.
         self._connections_lock = threading.Lock()
         self._handler_done = threading.Condition(self._connections_lock)
-        self._connections: set[socket.socket] = set()
-        self._streams: set[socket.socket] = set()
+        self._connections: dict[socket.socket, bool] = {}   # each one: streaming now?
+        self._open_streams = 0
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
-        self._handler_threads = 0
         self._startup_slots = threading.BoundedSemaphore(STARTUP_SLOTS)
         self._serving = False
         self._hangups = HangupWatcher()
@@ -2122,8 +2143,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """Start the connection's thread (see the class docstring)."""
         slot = slot or StartupSlot(None)
         with self._connections_lock:
-            self._connections.add(request)
-            self._handler_threads += 1
+            self._connections[request] = False
         try:
             _thread.start_new_thread(self.process_request_thread,
                                      (request, client_address, slot))
@@ -2143,25 +2163,36 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_finished(request)
 
     def finish_request(self, request, client_address, slot=None) -> None:
-        self.RequestHandlerClass(request, client_address, self, startup_slot=slot)
+        self.RequestHandlerClass(request, client_address, self, slot)  # no kwargs dict: it
+        # would live as long as the connection
 
     def _handler_finished(self, request) -> None:
         with self._connections_lock:
-            self._connections.discard(request)
-            self._handler_threads -= 1
+            del self._connections[request]
             self._handler_done.notify_all()
 
     def stream_started(self, connection: socket.socket, on_hangup: Callable[[], None]) -> None:
         if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
             self._hangups.watch(connection, on_hangup)
         with self._connections_lock:
-            self._streams.add(connection)
+            self._connections[connection] = True
+            self._open_streams += 1
 
     def stream_ended(self, connection: socket.socket) -> None:
-        self._hangups.forget(connection)    # before the socket is closed
+        """Call before the socket is closed: its number may then be reused."""
+        self._hangups.forget(connection)
         with self._connections_lock:
-            self._streams.discard(connection)
+            self._connections[connection] = False
+            self._open_streams -= 1
             self._handler_done.notify_all()
+
+    def cut_stream(self, connection: socket.socket) -> None:
+        """Shut a stream's socket, waking its thread from a blocking write;
+        from another thread (a publisher, or shutdown). Only while the stream
+        is open: after stream_ended the socket's number may be reused."""
+        with self._connections_lock:
+            if self._connections.get(connection):
+                _shutdown_sockets([connection], socket.SHUT_RDWR)
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
@@ -2176,17 +2207,18 @@ class SSEServer(http.server.ThreadingHTTPServer):
             super().shutdown()
         self.broker.close()     # each stream writes retry: + its last chunk and ends
         with self._connections_lock:
-            idle = self._connections - self._streams
+            idle = [sock for sock, streaming in self._connections.items() if not streaming]
         # SHUT_RD ends a thread waiting for the next keep-alive request at once,
         # and still lets a response being written go out.
         _shutdown_sockets(idle, socket.SHUT_RD)
         with self._connections_lock:
-            self._handler_done.wait_for(lambda: not self._streams, timeout=SHUTDOWN_GRACE_S)
+            self._handler_done.wait_for(lambda: not self._open_streams,
+                                        timeout=SHUTDOWN_GRACE_S)
             stuck = list(self._connections)
         # Clients too stuck to take their last chunk are cut.
         _shutdown_sockets(stuck, socket.SHUT_RDWR)
         with self._connections_lock:
-            self._handler_done.wait_for(lambda: self._handler_threads == 0, timeout=0.5)
+            self._handler_done.wait_for(lambda: not self._connections, timeout=0.5)
         self._hangups.close()
 
 

@@ -270,6 +270,12 @@ def run_server(test: unittest.TestCase, port=0, **options) -> SSEServer:
     return server
 
 
+def open_streams(server) -> list[socket.socket]:
+    """The sockets of the server's open streams."""
+    with server._connections_lock:
+        return [sock for sock, streaming in server._connections.items() if streaming]
+
+
 def http_request(port, method, path, body=None, headers=None, timeout=WAIT_S):
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
@@ -1263,11 +1269,9 @@ class ChurnTests(ServerTestCase):
 
         def cutter(stop):
             while not stop.wait(0.02):      # server-side cuts, at random
-                with self.server._connections_lock:
-                    streams = list(self.server._streams)
+                streams = open_streams(self.server)
                 if streams:
-                    with contextlib.suppress(OSError):
-                        rng.choice(streams).shutdown(socket.SHUT_RDWR)
+                    self.server.cut_stream(rng.choice(streams))
 
         followers = [threading.Thread(target=follow, args=(n,)) for n in range(self.SUBSCRIBERS)]
         for thread in followers:
@@ -1694,10 +1698,8 @@ class BrowserTests(unittest.TestCase):
 
         # The network drops: the browser reconnects by itself with Last-Event-ID
         # and gets what was published meanwhile, exactly once.
-        with self.server._connections_lock:
-            streams = list(self.server._streams)
-        for stream in streams:
-            stream.shutdown(socket.SHUT_RDWR)
+        for stream in open_streams(self.server):
+            self.server.cut_stream(stream)
         self.wait_for_state("reconnecting")
         missed = [broker.publish("news", f"missed {n}").id for n in range(2)]
         self.wait_for_state("open")
