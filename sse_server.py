@@ -746,10 +746,6 @@ class Subscriber:
             if item is not None:
                 self.queue.put(item)
 
-    def hang_up(self) -> None:
-        """The client is gone: end the stream."""
-        self.end(CLIENT_GONE)
-
 
 class _Event:
     __slots__ = ("seq", "frame", "chunk", "topics", "created", "reached")
@@ -1521,9 +1517,27 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.rfile.close()
 
     def handle_one_request(self) -> None:
+        """Read, parse and answer one request: the base class's loop body,
+        with one deadline for the whole request, and with no locals left
+        holding the method it calls (a stream's call lasts for hours)."""
         self._reader.deadline = time.monotonic() + self.server.request_timeout_s
         self._cors = ()
-        super().handle_one_request()
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if len(self.raw_requestline) > 65536:
+                self.requestline = self.request_version = self.command = ""
+                self.send_error(HTTPStatus.REQUEST_URI_TOO_LONG)
+            elif not self.raw_requestline:
+                self.close_connection = True
+            elif self.parse_request():
+                if hasattr(self, "do_" + self.command):
+                    getattr(self, "do_" + self.command)()
+                else:
+                    self.send_error(HTTPStatus.NOT_IMPLEMENTED,
+                                    f"unsupported method {self.command!r}")
+        except socket.timeout as error:     # the request, or a response, took too long
+            self.log_error("request timed out: %r", error)
+            self.close_connection = True
 
     def parse_request(self) -> bool:
         """Parse the request line and headers (instead of the standard
@@ -1792,7 +1806,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.server.release_client_slot(host)
             raise
         del topics, last_event_id
-        self.server.stream_started(self.connection, subscriber.hang_up)
+        self.server.stream_started(self.connection, subscriber)
         try:
             self._start_stream(replay)
             del replay
@@ -1913,17 +1927,18 @@ class HangupWatcher:
     there is no epoll (macOS, Windows) it does nothing and heartbeats do the job.
     """
 
-    def __init__(self):
-        # _lock guards _callbacks and _thread; epoll.poll() itself runs
+    def __init__(self, on_hangup: Callable[[socket.socket], None]):
+        self._on_hangup = on_hangup     # called with the socket, on this thread
+        # _lock guards _sockets and _thread; epoll.poll() itself runs
         # unlocked, so watch() and forget() never wait on it.
         self._lock = threading.Lock()
         self._epoll = None
-        self._callbacks: dict[int, tuple[socket.socket, Callable[[], None]]] = {}
+        self._sockets: dict[int, socket.socket] = {}
         self._thread: Optional[threading.Thread] = None
         self._wakeup: Optional[tuple[socket.socket, socket.socket]] = None
         self._closed = False
 
-    def watch(self, sock: socket.socket, on_hangup: Callable[[], None]) -> None:
+    def watch(self, sock: socket.socket) -> None:
         if not hasattr(select, "epoll"):
             return
         with self._lock:
@@ -1936,15 +1951,15 @@ class HangupWatcher:
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
                                                 daemon=True)
                 self._thread.start()
-            self._callbacks[sock.fileno()] = (sock, on_hangup)
+            self._sockets[sock.fileno()] = sock
             self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
 
     def forget(self, sock: socket.socket) -> None:
         """Stop watching; call before the socket is closed (its number is reused)."""
         with self._lock:
             fd = sock.fileno()
-            if self._callbacks.get(fd, (None,))[0] is sock:
-                del self._callbacks[fd]
+            if self._sockets.get(fd) is sock:
+                del self._sockets[fd]
                 self._epoll.unregister(fd)
 
     def _run(self) -> None:
@@ -1955,22 +1970,21 @@ class HangupWatcher:
                 if self._closed:
                     break
                 for fd, _ in ready:
-                    watched = self._callbacks.get(fd)
-                    if watched is None:
+                    sock = self._sockets.get(fd)
+                    if sock is None:
                         continue    # the wake-up socket, or forgotten meanwhile
-                    sock, on_hangup = watched
                     try:
                         peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue    # a stale readiness report
                     except OSError:
                         peeked = b""    # reset by the peer
-                    del self._callbacks[fd]
+                    del self._sockets[fd]
                     self._epoll.unregister(fd)
                     if not peeked:
-                        hung_up.append(on_hangup)
-            for on_hangup in hung_up:
-                on_hangup()
+                        hung_up.append(sock)
+            for sock in hung_up:
+                self._on_hangup(sock)
         self._epoll.close()
         for sock in self._wakeup:
             sock.close()
@@ -2062,12 +2076,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
         # notified whenever a stream or a handler thread ends.
         self._connections_lock = threading.Lock()
         self._handler_done = threading.Condition(self._connections_lock)
-        self._connections: dict[socket.socket, bool] = {}   # each one: streaming now?
+        # Each connection, with the subscriber of its open stream if it has one.
+        self._connections: dict[socket.socket, Optional[Subscriber]] = {}
         self._open_streams = 0
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
         self._startup_slots = threading.BoundedSemaphore(STARTUP_SLOTS)
         self._serving = False
-        self._hangups = HangupWatcher()
+        self._hangups = HangupWatcher(self._hung_up)
+        # One bound method for every handler thread to run (each thread keeps
+        # what it was started with for as long as it lives).
+        self._thread_main = self.process_request_thread
         try:
             super().__init__(server_address, handler_class, bind_and_activate)
         except BaseException:
@@ -2143,10 +2161,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         """Start the connection's thread (see the class docstring)."""
         slot = slot or StartupSlot(None)
         with self._connections_lock:
-            self._connections[request] = False
+            self._connections[request] = None
         try:
-            _thread.start_new_thread(self.process_request_thread,
-                                     (request, client_address, slot))
+            _thread.start_new_thread(self._thread_main, (request, client_address, slot))
         except BaseException:
             self._handler_finished(request)
             raise
@@ -2171,18 +2188,18 @@ class SSEServer(http.server.ThreadingHTTPServer):
             del self._connections[request]
             self._handler_done.notify_all()
 
-    def stream_started(self, connection: socket.socket, on_hangup: Callable[[], None]) -> None:
+    def stream_started(self, connection: socket.socket, subscriber: Subscriber) -> None:
         if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
-            self._hangups.watch(connection, on_hangup)
+            self._hangups.watch(connection)
         with self._connections_lock:
-            self._connections[connection] = True
+            self._connections[connection] = subscriber
             self._open_streams += 1
 
     def stream_ended(self, connection: socket.socket) -> None:
         """Call before the socket is closed: its number may then be reused."""
         self._hangups.forget(connection)
         with self._connections_lock:
-            self._connections[connection] = False
+            self._connections[connection] = None
             self._open_streams -= 1
             self._handler_done.notify_all()
 
@@ -2191,8 +2208,15 @@ class SSEServer(http.server.ThreadingHTTPServer):
         from another thread (a publisher, or shutdown). Only while the stream
         is open: after stream_ended the socket's number may be reused."""
         with self._connections_lock:
-            if self._connections.get(connection):
+            if self._connections.get(connection) is not None:
                 _shutdown_sockets([connection], socket.SHUT_RDWR)
+
+    def _hung_up(self, connection: socket.socket) -> None:
+        """The HangupWatcher saw a stream's client go: end that stream."""
+        with self._connections_lock:
+            subscriber = self._connections.get(connection)
+        if subscriber is not None:
+            subscriber.end(CLIENT_GONE)
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
@@ -2207,7 +2231,7 @@ class SSEServer(http.server.ThreadingHTTPServer):
             super().shutdown()
         self.broker.close()     # each stream writes retry: + its last chunk and ends
         with self._connections_lock:
-            idle = [sock for sock, streaming in self._connections.items() if not streaming]
+            idle = [sock for sock, stream in self._connections.items() if stream is None]
         # SHUT_RD ends a thread waiting for the next keep-alive request at once,
         # and still lets a response being written go out.
         _shutdown_sockets(idle, socket.SHUT_RD)

@@ -273,7 +273,7 @@ def run_server(test: unittest.TestCase, port=0, **options) -> SSEServer:
 def open_streams(server) -> list[socket.socket]:
     """The sockets of the server's open streams."""
     with server._connections_lock:
-        return [sock for sock, streaming in server._connections.items() if streaming]
+        return [sock for sock, stream in server._connections.items() if stream is not None]
 
 
 def http_request(port, method, path, body=None, headers=None, timeout=WAIT_S):
@@ -1018,6 +1018,13 @@ class ErrorTests(ServerTestCase):
     def test_unknown_method_is_501(self):
         answer = raw_exchange(self.port, b"BREW /events HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertEqual(status_of(answer), 501)
+
+    def test_overlong_request_line_is_414(self):
+        # just over the 65,536-byte limit, so the server reads all that was sent
+        target = b"/events?topic=" + b"t" * 65_540
+        answer = raw_exchange(self.port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertEqual(status_of(answer), 414)
+        self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
 
     def test_oversized_body_is_refused_without_reading_it(self):
         with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
