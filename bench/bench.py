@@ -158,7 +158,7 @@ def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dic
         result = json.loads(generator.stdout.read())
         generator.wait()
         result["server_cpu_s"] = round(cpu_seconds(pids) - cpu_before, 2)
-        result["rss_per_subscriber_kib"] = round((rss_idle - rss_before) / subscribers / 1024, 1)
+        result["rss_per_subscriber_kib"] = round((rss_idle - rss_before) / subscribers / 1024, 2)
         result["server_rss_mib"] = round(rss_idle / 2**20, 1)
         return result
     finally:
@@ -186,7 +186,7 @@ def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
             ("S5 p99 latency / rate held", "S5",
              lambda r: f"{r['p99_ms']:.1f} ms / {r['publishes_per_s']:.2f} of 1"),
             ("connect 10k subscribers", "S5", lambda r: f"{r['connect_s']:.2f} s"),
-            ("RSS per idle subscriber (10k)", "S5", lambda r: f"{r['rss_per_subscriber_kib']:.1f} KiB"),
+            ("RSS per idle subscriber (10k)", "S5", lambda r: f"{r['rss_per_subscriber_kib']:.2f} KiB"),
             ("lost events (all scenarios)", None, None)]
     lines = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, scenario, show in rows:
