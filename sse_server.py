@@ -1694,6 +1694,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 pass
             if not data:
                 return
+        self.startup_slot.release()     # about to wait for the client
         self.connection.sendall(data)
 
     def send_error(self, code: int, message: Optional[str] = None,
@@ -1951,8 +1952,8 @@ class HangupWatcher:
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
                                                 daemon=True)
                 self._thread.start()
-            self._sockets[sock.fileno()] = sock
             self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
+            self._sockets[sock.fileno()] = sock     # only once registered
 
     def forget(self, sock: socket.socket) -> None:
         """Stop watching; call before the socket is closed (its number is reused)."""
@@ -2189,11 +2190,14 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_done.notify_all()
 
     def stream_started(self, connection: socket.socket, subscriber: Subscriber) -> None:
-        if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
-            self._hangups.watch(connection)
         with self._connections_lock:
             self._connections[connection] = subscriber
             self._open_streams += 1
+        if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
+            try:
+                self._hangups.watch(connection)
+            except OSError as error:    # e.g. epoll's watch limit: heartbeats do it
+                logger.warning("cannot watch %s for hang-ups: %r", connection, error)
 
     def stream_ended(self, connection: socket.socket) -> None:
         """Call before the socket is closed: its number may then be reused."""

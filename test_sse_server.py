@@ -1409,6 +1409,19 @@ class StartupTests(ServerTestCase):
         self.assertEqual(len(traced_threads), 1)
         self.assertNotIn(threading.get_ident(), traced_threads)
 
+    def test_streams_work_when_hang_ups_cannot_be_watched(self):
+        server = self.start_server(heartbeat_s=0.05)
+
+        def refuse(sock):
+            raise OSError("epoll watch limit reached")
+        server._hangups.watch = refuse
+        client = StreamClient(server.server_address[1], "topic=t")
+        server.broker.publish("t", "still served")
+        self.assertEqual(client.next_event().data, "still served")
+        client.close()      # noticed by a failed heartbeat instead
+        wait_until(lambda: server.broker.subscriber_count == 0, message="stream to end")
+        wait_until(lambda: server.stats()["connections"] == 0, message="connection to close")
+
     def test_large_response_is_written_whole(self):
         # More than one direct write can take: the rest goes through sendall.
         folder = tempfile.mkdtemp()
