@@ -1538,6 +1538,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         except socket.timeout as error:     # the request, or a response, took too long
             self.log_error("request timed out: %r", error)
             self.close_connection = True
+        # One request's worth at most: a client pipelining requests back to
+        # back never has to wait, and must not keep the slot while it does.
+        self.startup_slot.release()
 
     def parse_request(self) -> bool:
         """Parse the request line and headers (instead of the standard
@@ -2021,10 +2024,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
       thread needs the GIL for ~100 us of parsing and subscribing; with
       hundreds of them starting at once every system call becomes a GIL
       hand-off between threads, which tripled the CPU per connection. The
-      accepting thread takes a slot before each accept; the handler gives it
-      back as soon as it would wait for anything (the client's bytes, the
-      next event, a TLS handshake), so a silent or slow client holds no
-      slot, and after STARTUP_WAIT_S the accept goes ahead regardless.
+      accepting thread takes a slot before it starts a connection's thread;
+      the handler gives it back as soon as it would wait for anything (the
+      client's bytes, the next event, a TLS handshake) or has answered its
+      first request, so a silent, slow or pipelining client holds no slot,
+      and after STARTUP_WAIT_S the thread starts regardless.
 
     shutdown() stops accepting, ends every stream with a `retry:` spread and
     a terminating chunk, and returns within about two seconds."""
@@ -2102,12 +2106,11 @@ class SSEServer(http.server.ThreadingHTTPServer):
         accept what is waiting (a bounded number, so shutdown is noticed),
         each once a start-up slot is free."""
         for _ in range(ACCEPTS_PER_WAKEUP):
-            slot = StartupSlot(self._startup_slots, STARTUP_WAIT_S)
             try:
                 request, client_address = self.get_request()
             except OSError:     # BlockingIOError: the backlog is empty
-                slot.release()
                 return
+            slot = StartupSlot(self._startup_slots, STARTUP_WAIT_S)
             try:
                 self.process_request(request, client_address, slot)
             except Exception:

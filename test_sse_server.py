@@ -27,6 +27,7 @@ import threading
 import time
 import unittest
 import urllib.parse
+from http import HTTPStatus
 
 import sse_server
 from sse_server import (Broker, HTTPError, SSERequestHandler, SSEServer, encode_chunk,
@@ -1386,6 +1387,30 @@ class StartupTests(ServerTestCase):
         client = self.subscribe()
         self.server.broker.publish("t", "still served")
         self.assertEqual(client.next_event().data, "still served")
+
+    def test_pipelined_requests_hold_the_slot_for_the_first_one_only(self):
+        entered, gate = threading.Event(), threading.Event()
+        self.addCleanup(gate.set)
+
+        class Handler(SSERequestHandler):
+            routes = {**SSERequestHandler.routes, "/wait": {"GET": "_handle_wait"}}
+
+            def _handle_wait(self, url):
+                entered.set()
+                gate.wait(WAIT_S)
+                self._respond(HTTPStatus.OK, b"done\n")
+
+        server = run_server(self, handler_class=Handler, request_timeout_s=30)
+        with socket.create_connection(server.server_address, timeout=WAIT_S) as sock:
+            # Both requests arrive at once: the second is read from the buffer.
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                         b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(entered.wait(WAIT_S))
+            self.assertTrue(startup_slot_free(server))
+            gate.set()
+            answers = b""
+            while answers.count(b"HTTP/1.1 200") < 2:
+                answers += sock.recv(4096)
 
     def test_a_slot_is_given_back_once(self):
         slots = threading.BoundedSemaphore(1)
