@@ -2184,8 +2184,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_finished(request)
 
     def finish_request(self, request, client_address, slot=None) -> None:
-        self.RequestHandlerClass(request, client_address, self, slot)  # no kwargs dict: it
-        # would live as long as the connection
+        # The slot goes positionally: a kwargs dict would live as long as the stream.
+        self.RequestHandlerClass(request, client_address, self, slot)
 
     def _handler_finished(self, request) -> None:
         with self._connections_lock:
