@@ -1393,8 +1393,8 @@ class _DeadlineReader(io.RawIOBase):
 
 
 class _SocketWriter:
-    """The handler's wfile, for BaseHTTPRequestHandler's own methods (its
-    send_response and end_headers write, handle_one_request flushes).
+    """The handler's wfile, for BaseHTTPRequestHandler's own methods that a
+    subclass may call (send_response with end_headers writes and flushes).
     Unbuffered: our responses are built whole. A plain class with a slot,
     not an io object with a dict: every subscriber keeps one."""
 
@@ -1509,7 +1509,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._fd = self.connection.fileno() if self.server.tls_context is None else None
         self._reader = _DeadlineReader(self.connection, self._fd, self.startup_slot)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
-        self.wfile = _SocketWriter(self.connection)   # the base class flushes it
+        self.wfile = _SocketWriter(self.connection)   # for the base class's writers
         self._body_pending = False
 
     def finish(self) -> None:
@@ -1530,11 +1530,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             elif not self.raw_requestline:
                 self.close_connection = True
             elif self.parse_request():
-                if hasattr(self, "do_" + self.command):
-                    getattr(self, "do_" + self.command)()
-                else:
-                    self.send_error(HTTPStatus.NOT_IMPLEMENTED,
-                                    f"unsupported method {self.command!r}")
+                getattr(self, "do_" + self.command, self._unsupported_method)()
         except socket.timeout as error:     # the request, or a response, took too long
             self.log_error("request timed out: %r", error)
             self.close_connection = True
@@ -1583,6 +1579,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         return True
 
     # Dispatch: every known method goes through _dispatch; others get 501.
+
+    def _unsupported_method(self) -> None:
+        self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
 
     def _dispatch(self) -> None:
         try:
