@@ -31,6 +31,27 @@ client: a subscriber whose queue is full is dropped, so a slow client only
 hurts itself. Event ids and per-topic history make reconnection lossless
 (Last-Event-ID); --redis shares all of it between instances; JWT scopes,
 CORS, TLS and per-client limits are there for exposed deployments.
+
+Roadmap of one request
+    SSEServer.serve_forever                 (socketserver's loop)
+      BurstAcceptMixIn._handle_request_noblock   accept what waits, verify_request()
+        process_request                     take a start-up turn, start a thread
+          process_request_thread            (the connection's own thread)
+            SSERequestHandler.handle_one_request   read and parse one request
+              _dispatch -> _handle_events / _handle_publish / ...
+                _handle_events: Broker.subscribe, then Subscriber.pump until the end
+            shutdown_request                close the socket
+Meant to be overridden: SSERequestHandler.routes and _handle_* methods (add
+an endpoint), SSEServer.verify_request (refuse a peer before it costs a
+thread), handle_error, and log_message.
+
+The premise of the I/O: every connection's socket is non-blocking. A read or
+write is tried at once, one system call on every platform, and only when it
+would block does the caller wait, in SocketIO.wait, with a deadline. So a
+publisher's direct write to a subscriber can never wait for that client, and
+the one place that waits is also where a connection gives back its start-up
+turn. What the platform offers (poll or select, the selector for hang-ups,
+MSG_NOSIGNAL, OS tuning) is detected once, in the "Platform" section.
 """
 
 from __future__ import annotations
@@ -55,6 +76,7 @@ import random
 import re
 import secrets
 import select
+import selectors
 import signal
 import socket
 import sys
@@ -66,7 +88,8 @@ from http import HTTPStatus
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
-    "SSEServer", "SSERequestHandler", "Broker", "Subscriber", "Published",
+    "SSEServer", "SSERequestHandler", "BurstAcceptMixIn", "Broker", "Subscriber", "StreamSink",
+    "SocketIO", "Published", "Payload",
     "HTTPError", "format_event", "format_comment", "format_retry",
     "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
@@ -102,9 +125,11 @@ SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
 MAX_CHUNK_BYTES = 256 * 1024    # replayed frames are joined into chunks up to this size
 FAN_OUT_SPLIT_SUBSCRIBERS = 500   # a fan-out to more is shared with a helper thread
 THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command line
-STARTUP_SLOTS = 1               # connections being set up at once (see SSEServer)
-STARTUP_WAIT_S = 0.05           # accept anyway after waiting this long for a slot
-ACCEPTS_PER_WAKEUP = 64         # connections taken from the backlog per loop turn
+STARTUP_TURNS = 1               # connections being set up at once (see BurstAcceptMixIn)
+STARTUP_WAIT_S = 0.05           # start a connection anyway after waiting this long for a turn
+ACCEPTS_PER_WAKEUP = 64         # connections taken from the backlog per wake-up of the accept loop
+HANGUP_CHECK_S = 1.0            # longest a hang-up goes unnoticed where the selector needs a re-poll
+SELECT_MAX_SOCKETS = 500        # streams watched where only select() exists (512 on Windows)
 
 # Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
 # is kept for patterns, and no '+', which a query string turns into a space).
@@ -118,6 +143,55 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+
+
+# --- Platform: what this host offers, detected once -------------------------------
+#
+# Everything that differs between Linux, macOS, BSD and Windows is decided
+# here, by what the running Python has (never by sys.platform); the rest of
+# the file only uses these names. The optional OS tuning of main() (futex
+# hash, open-files limit, thread stacks) is tried the same way, and silently
+# skipped where the facility is missing.
+
+try:
+    import ssl
+except ImportError:     # a Python built without OpenSSL still serves plain HTTP
+    ssl = None
+
+# Where a non-blocking call stopped: for a plain socket BlockingIOError; a TLS
+# socket may need to read to write (or the other way round) for its records.
+_TLS_WANTS_READ = (ssl.SSLWantReadError,) if ssl else ()
+_TLS_WANTS_WRITE = (ssl.SSLWantWriteError,) if ssl else ()
+_READ_BLOCKED = (BlockingIOError, *_TLS_WANTS_READ)
+_WRITE_BLOCKED = (BlockingIOError, *_TLS_WANTS_WRITE)
+
+# send() flags for plain sockets. MSG_NOSIGNAL (Linux, BSD) keeps a write to
+# a vanished peer from raising SIGPIPE in a program that restored SIGPIPE's
+# default action; without it Python's own start-up (SIG_IGN) is what protects
+# the process, and Windows has no SIGPIPE at all.
+SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
+
+if hasattr(select, "poll"):
+    def wait_ready(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
+        """Wait until `sock` can be written (or read); False if `timeout_s` passed.
+        A peer that hung up counts as ready: the next call reports it."""
+        poller = select.poll()
+        poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
+        return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+else:   # Windows: select() limits how many sockets one call takes, here one
+    def wait_ready(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
+        """Wait until `sock` can be written (or read); False if `timeout_s` passed.
+        A peer that hung up counts as ready: the next call reports it."""
+        waiting = ([], [sock], [sock]) if for_write else ([sock], [], [sock])
+        return any(select.select(*waiting, max(0.0, timeout_s)))
+
+
+def hangup_selector() -> tuple[selectors.BaseSelector, Optional[int]]:
+    """The best selector this platform has for watching many sockets (epoll,
+    kqueue, devpoll, poll or select), and how many it can watch (None: as
+    many as the process may open)."""
+    selector = selectors.DefaultSelector()
+    return selector, SELECT_MAX_SOCKETS if isinstance(selector, selectors.SelectSelector) else None
 
 
 # --- Errors -------------------------------------------------------------------
@@ -138,6 +212,11 @@ class HTTPError(Exception):
 
 class BadRequest(HTTPError):
     status = HTTPStatus.BAD_REQUEST
+
+
+class InvalidEvent(BadRequest, ValueError):
+    """An event field that cannot be sent (a 400 over HTTP, a ValueError to
+    a Python caller of Broker.publish)."""
 
 
 class Unauthorized(HTTPError):
@@ -199,7 +278,18 @@ def split_lines(text: str) -> list[str]:
 
 def _check_field(name: str, value: str) -> None:
     if "\r" in value or "\n" in value or "\0" in value:
-        raise ValueError(f"{name} must not contain CR, LF or NUL: {value!r}")
+        raise InvalidEvent(f"{name} must not contain CR, LF or NUL: {value!r}")
+
+
+def check_event_fields(event: Optional[str], retry: Optional[int]) -> None:
+    """The checks an event's name and retry must pass (InvalidEvent if not):
+    made once per publish, by the broker, before anything is spent on it."""
+    if event is not None:
+        _check_field("event name", event)
+        if len(event) > MAX_EVENT_NAME_CHARS:
+            raise InvalidEvent(f"event name longer than {MAX_EVENT_NAME_CHARS} characters")
+    if retry is not None and (isinstance(retry, bool) or not isinstance(retry, int) or retry < 0):
+        raise InvalidEvent(f"retry must be a non-negative integer, not {retry!r}")
 
 
 def format_event(data: str, *, event: Optional[str] = None, id: Optional[str] = None,
@@ -207,15 +297,22 @@ def format_event(data: str, *, event: Optional[str] = None, id: Optional[str] = 
     """Encode one event: `id:`, `event:`, `retry:`, one `data:` line per line of
     data, and the blank line that dispatches it. `event` "message" (the default
     type) is left out; empty data still gives one `data:` line."""
-    lines = []
+    check_event_fields(event, retry)
     if id is not None:
         _check_field("id", id)
+    return _encode_event(data, event, id, retry)
+
+
+def _encode_event(data: str, event: Optional[str], id: Optional[str],
+                  retry: Optional[int]) -> bytes:
+    """format_event without the checks, for fields already checked."""
+    lines = []
+    if id is not None:
         lines.append(f"id: {id}\n")
     if event and event != "message":
-        _check_field("event", event)
         lines.append(f"event: {event}\n")
     if retry is not None:
-        lines.append(format_retry(retry).decode("ascii"))
+        lines.append(f"retry: {retry}\n")
     lines.extend(f"data: {line}\n" for line in split_lines(data))
     lines.append("\n")
     return "".join(lines).encode("utf-8")
@@ -229,8 +326,9 @@ def format_comment(text: str) -> bytes:
 
 def format_retry(milliseconds: int) -> bytes:
     """A bare `retry:` line; browsers apply it at once, no blank line needed."""
-    if isinstance(milliseconds, bool) or not isinstance(milliseconds, int) or milliseconds < 0:
-        raise ValueError(f"retry must be a non-negative integer, not {milliseconds!r}")
+    if milliseconds is None:
+        raise InvalidEvent("retry must be a non-negative integer, not None")
+    check_event_fields(None, milliseconds)
     return b"retry: %d\n" % milliseconds
 
 
@@ -242,6 +340,27 @@ def encode_chunk(payload: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+
+class Payload:
+    """Events ready for the wire, one object shared by every subscriber that
+    gets them: the raw frames (for HTTP/1.0 streams) and, made on first use
+    and then kept, the same bytes as one HTTP/1.1 chunk. Whoever writes to a
+    stream picks its framing (see StreamSink); the broker never does."""
+
+    __slots__ = ("raw", "_chunk")
+
+    def __init__(self, raw: bytes):
+        self.raw = raw
+        self._chunk: Optional[bytes] = None
+
+    def framed(self, chunked: bool) -> bytes:
+        if not chunked:
+            return self.raw
+        chunk = self._chunk
+        if chunk is None:   # two threads may both make it: the same bytes either way
+            chunk = self._chunk = encode_chunk(self.raw)
+        return chunk
 CONNECTED_COMMENT = format_comment("connected")
 HEARTBEAT_COMMENT = format_comment("heartbeat")
 
@@ -263,16 +382,25 @@ def parse_event_id(text: Optional[str], run_id: str) -> Optional[int]:
     return int(seq)
 
 
-def validate_topics(names: Iterable[str]) -> list[str]:
+class Topics(tuple):
+    """Topic names that validate_topics() has checked (a tuple: no
+    duplicates, in order). Checking it again costs nothing."""
+
+    __slots__ = ()
+
+
+def validate_topics(names: Iterable[str]) -> Topics:
     """Check topic names; returns them without duplicates, in order."""
-    topics = list(dict.fromkeys(names))
+    if type(names) is Topics:
+        return names
+    topics = Topics(dict.fromkeys(names))
     if not topics:
         raise BadRequest("missing topic: add ?topic=NAME")
     if len(topics) > MAX_TOPICS_PER_REQUEST:
         raise BadRequest(f"too many topics: at most {MAX_TOPICS_PER_REQUEST} per request")
     for topic in topics:
-        if not topic:
-            raise BadRequest("empty topic name")
+        if not isinstance(topic, str) or not topic:
+            raise BadRequest("empty topic name" if topic == "" else f"invalid topic {topic!r}")
         if len(topic) > MAX_TOPIC_CHARS:
             raise BadRequest(f"topic name longer than {MAX_TOPIC_CHARS} characters")
         if not TOPIC_PATTERN.fullmatch(topic):
@@ -318,19 +446,21 @@ def _single(fields: dict[str, list[str]], name: str) -> Optional[str]:
 
 
 class PublishRequest(NamedTuple):
-    topics: list[str]
+    topics: Topics
     data: str
     event: Optional[str]
     retry: Optional[int]
 
 
-def parse_publish(query: str, content_type: Optional[str], body: bytes) -> PublishRequest:
-    """Turn a POST /publish into a PublishRequest.
+def parse_publish(query: dict[str, list[str]], content_type: Optional[str],
+                  body: bytes) -> PublishRequest:
+    """Turn a POST /publish (its parsed query and its body) into a PublishRequest.
 
     A form body (application/x-www-form-urlencoded) carries the fields topic
     (repeatable), data, event and retry; any other body is the data itself,
-    with topic, event and retry in the query string."""
-    fields = parse_query(query)
+    with topic, event and retry in the query string. The event name and retry
+    value are checked where every publish is, in Broker.publish."""
+    fields = {name: list(values) for name, values in query.items()}
     media_type = (content_type or "").split(";", 1)[0].strip().lower()
     try:
         text = body.decode("utf-8")
@@ -342,19 +472,14 @@ def parse_publish(query: str, content_type: Optional[str], body: bytes) -> Publi
         data = _single(fields, "data") or ""
     else:
         data = text
-    event = _single(fields, "event")
-    if event is not None:
-        if "\r" in event or "\n" in event or "\0" in event:
-            raise BadRequest("event name must not contain CR, LF or NUL")
-        if len(event) > MAX_EVENT_NAME_CHARS:
-            raise BadRequest(f"event name longer than {MAX_EVENT_NAME_CHARS} characters")
     retry_text = _single(fields, "retry")
     retry = None
     if retry_text is not None:
         if not re.fullmatch(r"[0-9]{1,9}", retry_text):
             raise BadRequest("retry must be a whole number of milliseconds")
         retry = int(retry_text)
-    return PublishRequest(validate_topics(fields.get("topic", [])), data, event or None, retry)
+    return PublishRequest(validate_topics(fields.get("topic", [])), data,
+                          _single(fields, "event") or None, retry)
 
 
 MAX_HEADER_LINE_BYTES = 65536   # one request or header line
@@ -368,10 +493,8 @@ class Headers:
 
     __slots__ = ("_fields",)
 
-    def __init__(self, items: Iterable[tuple[str, str]] = ()):
+    def __init__(self):
         self._fields: dict[str, list[str]] = {}    # lower-case name -> values in order
-        for name, value in items:
-            self._fields.setdefault(name.lower(), []).append(value)
 
     def get(self, name: str, default: Optional[str] = None) -> Optional[str]:
         values = self._fields.get(name.lower())
@@ -384,9 +507,6 @@ class Headers:
 
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._fields
-
-    def items(self) -> list[tuple[str, str]]:
-        return [(name, value) for name, values in self._fields.items() for value in values]
 
 
 def read_headers(readline: Callable[[int], bytes], max_bytes: int) -> Headers:
@@ -638,27 +758,304 @@ def encode_data(data: object) -> str:
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
 
 
-# --- Broker: the topic registry ---------------------------------------------------
+# --- Connection I/O: sockets, waits, and the owner of each stream ---------------------
+
+class StartupTurn:
+    """A connection's turn to be set up (see BurstAcceptMixIn), held by its
+    thread until it first waits for anything. Taking one waits at most
+    `wait_s`, then goes ahead without. release() may be called often."""
+
+    __slots__ = ("_semaphore",)
+
+    def __init__(self, semaphore: Optional[threading.Semaphore], wait_s: float = 0.0):
+        if semaphore is not None and not semaphore.acquire(timeout=wait_s):
+            semaphore = None
+        self._semaphore = semaphore
+
+    def release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is not None:
+            semaphore.release()
+
+
+class SocketIO:
+    """A connection's non-blocking socket, with every wait made explicit.
+
+    Each call is tried at once (one system call); only when the socket would
+    block does it wait, in wait(), which is the single place where a
+    connection waits for its client. That is also where it gives back its
+    start-up turn, so a silent or slow client never holds one. A client that
+    takes no byte for `write_timeout_s` is a socket.timeout. It is also the
+    handler's wfile, for BaseHTTPRequestHandler's own writers (unbuffered:
+    our responses are built whole)."""
+
+    __slots__ = ("sock", "turn", "write_timeout_s", "tls")
+
+    def __init__(self, sock: socket.socket, turn: StartupTurn, write_timeout_s: float, *,
+                 tls: bool = False):
+        sock.setblocking(False)
+        self.sock = sock
+        self.turn = turn
+        self.write_timeout_s = write_timeout_s
+        self.tls = tls      # TLS: no direct writes from other threads, no send() flags
+
+    def before_wait(self) -> None:
+        """The connection is about to wait (for its client, its next request
+        or its next event): let the next connection be set up."""
+        self.turn.release()
+
+    def wait(self, for_write: bool, deadline: float) -> None:
+        self.before_wait()
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not wait_ready(self.sock, for_write, remaining):
+            raise socket.timeout("timed out waiting for the client")
+
+    def recv_into(self, buffer, deadline: float) -> int:
+        while True:
+            try:
+                return self.sock.recv_into(buffer)
+            except _READ_BLOCKED:
+                self.wait(False, deadline)
+            except _TLS_WANTS_WRITE:
+                self.wait(True, deadline)
+
+    def try_send(self, data: bytes) -> int:
+        """One send that never waits (plain sockets only): how much went out.
+        0 if none fit or the peer is gone; the stream's thread finds out which."""
+        try:
+            return self.sock.send(data, SEND_FLAGS)
+        except OSError:
+            return 0
+
+    def send_all(self, data: bytes) -> None:
+        flags = 0 if self.tls else SEND_FLAGS
+        view = None
+        while data:
+            try:
+                sent = self.sock.send(data, flags)
+            except _WRITE_BLOCKED:
+                self.wait(True, time.monotonic() + self.write_timeout_s)
+                continue
+            except _TLS_WANTS_READ:
+                self.wait(False, time.monotonic() + self.write_timeout_s)
+                continue
+            if sent == len(data):
+                return
+            view = view if view is not None else memoryview(data)
+            data = view = view[sent:]
+
+    def handshake(self, deadline: float) -> None:
+        """The TLS handshake, in the connection's own thread (never the
+        accept loop): a stalled or plain-HTTP client only ties up itself."""
+        while True:
+            try:
+                return self.sock.do_handshake()
+            except _TLS_WANTS_READ:
+                self.wait(False, deadline)
+            except _TLS_WANTS_WRITE:
+                self.wait(True, deadline)
+
+    def write(self, data) -> int:
+        self.send_all(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
 
 class StreamEnd(NamedTuple):
-    """Put into a subscriber's queue to end its stream."""
+    """Put last into a stream's queue: why it ends (logged), and whether it
+    says goodbye (last words, then the terminating chunk) before closing."""
     reason: str
+    goodbye: bool
 
 
-SHUTDOWN = StreamEnd("shutdown")        # the server is stopping: say goodbye
-DROPPED = StreamEnd("dropped")          # too slow: the broker gave up on it
-CLIENT_GONE = StreamEnd("client gone")  # the client hung up
+SHUTDOWN = StreamEnd("shutdown", True)              # the server is stopping
+TOKEN_EXPIRED = StreamEnd("token expired", True)    # the JWT that allowed it expired
+DROPPED = StreamEnd("dropped as slow", False)       # its queue was full: cut at once
+CLIENT_GONE = StreamEnd("client gone", False)       # the client hung up
 
+
+class StreamSink:
+    """The one owner of a stream's socket: every write to the stream goes
+    through it, whether from a publisher's fan-out, the stream's own thread
+    (start, replay, queued events, heartbeats, last words), or shutdown.
+
+    A publisher never waits for a client: while the stream is idle it writes
+    straight to the socket with one non-blocking send, and its thread never
+    wakes; otherwise it puts wire-ready bytes in the queue, which the thread
+    writes. One field, `state`, says who may do what; it changes only under
+    `lock`:
+
+      THREAD  The stream's thread owns the socket (it is writing). Deliveries
+              are queued; past `queue_size` waiting writes the stream is
+              dropped (ENDED, and the socket cut so the thread stops waiting).
+      IDLE    The thread waits on an empty queue. A delivery is written
+              directly, under the lock; whatever did not fit is queued and the
+              state is THREAD again, so the rest goes first and bytes never
+              interleave. Only a plain socket gets here: TLS (whose records
+              one thread must write) and socketless sinks stay THREAD.
+      ENDED   The stream is over: nothing more is accepted, the reason is the
+              last thing in the queue, and only the thread still writes (its
+              last words). The socket may still be cut.
+      CLOSED  The thread has let go of the socket, which is about to close and
+              whose number the OS may reuse: nobody touches it any more.
+
+    THREAD -> IDLE (park), IDLE -> THREAD (claim, or a partial direct write),
+    THREAD or IDLE -> ENDED (end, or a drop), any -> CLOSED (close). The
+    queue holds wire-ready bytes, then maybe one StreamEnd."""
+
+    __slots__ = ("queue", "lock", "state", "io", "chunked")
+
+    THREAD, IDLE, ENDED, CLOSED = "thread", "idle", "ended", "closed"
+
+    def __init__(self, io: Optional[SocketIO] = None, *, chunked: bool = True):
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.state = self.THREAD    # its thread owns the socket until it first parks
+        self.io = io                # None: an in-process subscriber, read from the queue
+        self.chunked = chunked      # HTTP/1.1 chunked framing (else HTTP/1.0: raw)
+
+    # Called by anyone: publishers, the hang-up watcher, shutdown
+
+    def deliver(self, payload: Payload, queue_size: int) -> Optional[bool]:
+        """Hand over events: True when written or queued, False when the queue
+        was full (the stream is now dropped), None when it had already ended."""
+        data = payload.framed(self.chunked)
+        with self.lock:
+            state = self.state
+            if state is self.IDLE:
+                sent = self.io.try_send(data)
+                if sent == len(data):
+                    return True
+                data = data[sent:]
+                self.state = self.THREAD
+            elif state is not self.THREAD:
+                return None
+            elif self.queue.qsize() >= queue_size:
+                self._end_locked(DROPPED)
+                self._cut_locked()
+                return False
+            self.queue.put(data)
+            return True
+
+    def end(self, why: StreamEnd) -> bool:
+        """End the stream; its thread finds `why` last in the queue. False if
+        it had already ended (the first reason stands)."""
+        with self.lock:
+            if self.state is self.ENDED or self.state is self.CLOSED:
+                return False
+            self._end_locked(why)
+            return True
+
+    def cut(self) -> None:
+        """Shut the socket both ways, so a thread waiting to write to a stuck
+        client gives up now. Never once the socket is let go (CLOSED)."""
+        with self.lock:
+            self._cut_locked()
+
+    def _end_locked(self, why: StreamEnd) -> None:
+        self.state = self.ENDED
+        self.queue.put(why)
+
+    def _cut_locked(self) -> None:
+        if self.state is not self.CLOSED and self.io is not None:
+            try:
+                self.io.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:     # the peer already reset it
+                pass
+
+    # Called by the stream's own thread only
+
+    def park(self) -> None:
+        """About to wait on the queue: if nothing is waiting in it, publishers
+        may write to the socket directly until it is claimed back."""
+        with self.lock:
+            if (self.state is self.THREAD and self.io is not None and not self.io.tls
+                    and self.queue.empty()):
+                self.state = self.IDLE
+
+    def claim(self) -> bool:
+        """Take the socket back to write a heartbeat. False if something is
+        queued (write that instead) or the stream has ended."""
+        with self.lock:
+            if self.state is self.ENDED or self.state is self.CLOSED or not self.queue.empty():
+                return False
+            self.state = self.THREAD
+            return True
+
+    def write(self, payload: bytes, *, head: bytes = b"", last: bool = False) -> None:
+        """Write `payload` in the stream's framing, after `head` (the response
+        head, unframed), and the terminating chunk if `last`."""
+        data = head + (encode_chunk(payload) if self.chunked else payload)
+        self.io.send_all(data + LAST_CHUNK if last and self.chunked else data)
+
+    def write_replay(self, frames: list[bytes]) -> None:
+        """Replayed events, joined into as few chunks as possible."""
+        batch, size = [], 0
+        for frame in frames:
+            batch.append(frame)
+            size += len(frame)
+            if size >= MAX_CHUNK_BYTES:
+                self.write(b"".join(batch))
+                batch, size = [], 0
+        if batch:
+            self.write(b"".join(batch))
+
+    def pump(self, heartbeat_s: float, deadline: Optional[float] = None) -> StreamEnd:
+        """The stream's loop: write what arrives in the queue, a heartbeat
+        after `heartbeat_s` of silence, until the stream ends; at `deadline`
+        (monotonic: the token's expiry) it ends itself. Returns why it ended."""
+        while True:
+            self.park()
+            timeout = heartbeat_s
+            if deadline is not None:
+                timeout = min(timeout, deadline - time.monotonic())
+                if timeout <= 0:
+                    self.end(TOKEN_EXPIRED)
+                    timeout = 0
+            try:
+                item = self.queue.get(timeout=timeout)
+            except queue.Empty:
+                if (deadline is None or time.monotonic() < deadline) and self.claim():
+                    self.write(HEARTBEAT_COMMENT)
+                continue
+            # Everything queued (wire-ready bytes) goes out in one write.
+            pieces = []
+            while not isinstance(item, StreamEnd):
+                pieces.append(item)
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    item = None
+                    break
+            if pieces:
+                self.io.send_all(b"".join(pieces))
+                del pieces
+            if item is not None:
+                return item
+
+    def say_goodbye(self, end: StreamEnd) -> None:
+        """The last words of an ending that has them, and the body's end."""
+        if end is SHUTDOWN:     # reconnect, spread out, to whichever instance is up
+            self.write(format_retry(random.randint(*SHUTDOWN_RETRY_MS)), last=True)
+        elif end.goodbye:
+            self.write(format_comment(end.reason), last=True)
+
+    def close(self) -> None:
+        """The thread lets go of the socket (call before it is closed)."""
+        with self.lock:
+            self.state = self.CLOSED
+
+
+# --- Broker: the topic registry ---------------------------------------------------
 
 def _prepare_event(topics, data: object, event: Optional[str],
-                   retry: Optional[int]) -> tuple[list[str], str]:
-    """Validate a publish call before anything is spent on it."""
+                   retry: Optional[int]) -> tuple[Topics, str]:
+    """Validate a publish call, once, before anything is spent on it."""
     topic_list = validate_topics([topics] if isinstance(topics, str) else topics)
     text = encode_data(data)
-    if event is not None:
-        _check_field("event", event)
-    if retry is not None:
-        format_retry(retry)
+    check_event_fields(event, retry)
     return topic_list, text
 
 
@@ -667,93 +1064,25 @@ class Published(NamedTuple):
     subscribers: int    # how many subscribers it was handed to
 
 
-class Subscriber:
-    """One client: the topics it follows, the queue its thread waits on, and
-    (for a plain TCP stream) the socket publishers may write to directly.
+class Subscriber(StreamSink):
+    """A StreamSink the broker has registered for `topics`. `since`: events
+    up to this seq came before it (or are in its replay)."""
 
-    The fast path: while a subscriber is idle (nothing queued, its thread not
-    writing), a publisher writes the event straight to its socket with a
-    non-blocking write, and its thread never wakes up. If the write would
-    block or is partial, the rest goes into the queue and its thread writes
-    it. The rules that keep this correct, all under `lock`:
-    - `busy` means its thread owns the socket: set by anyone who queues
-      something, and by the thread itself to write a heartbeat; cleared only
-      by the thread, and only when the queue is empty.
-    - After a partial write the rest is queued first, so bytes never interleave.
-    - `closed` is set before its thread closes the socket (file descriptors are
-      reused): after that nobody else touches it.
-    The queue holds wire-ready bytes and, last, maybe a StreamEnd."""
+    __slots__ = ("topics", "since")
 
-    __slots__ = ("topics", "queue", "lock", "busy", "closed", "fd", "chunked", "since",
-                 "on_drop")
-
-    def __init__(self, topics: Iterable[str], on_drop: Optional[Callable[[], None]] = None, *,
-                 fd: Optional[int] = None, chunked: bool = True):
-        self.topics = tuple(topics)
-        self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.lock = threading.Lock()
-        self.busy = True        # its thread owns the socket until it first goes idle
-        self.closed = False
-        self.fd = fd            # a non-blocking socket for direct writes, or None
-        self.chunked = chunked  # HTTP/1.1 chunked framing (else HTTP/1.0, raw)
-        self.since = 0          # events up to this seq came before it (or in its replay)
-        # Called (outside the broker lock) when the broker drops this subscriber,
-        # so its thread, maybe blocked writing to a stuck socket, is woken.
-        self.on_drop = on_drop
-
-    def deliver(self, data: bytes, queue_size: int) -> Optional[bool]:
-        """Hand over wire-ready bytes: True when written or queued, False when
-        its queue is full (it is now dropped), None when its stream has ended."""
-        with self.lock:
-            if self.closed:
-                return None
-            if not self.busy and self.fd is not None:
-                try:
-                    sent = os.write(self.fd, data)
-                except OSError:     # would block, or the peer is gone: let its thread see
-                    sent = 0
-                if sent == len(data):
-                    return True
-                data = data[sent:]
-            elif self.queue.qsize() >= queue_size:
-                self.closed = self.busy = True
-                self.queue.put(DROPPED)
-                return False
-            self.busy = True
-            self.queue.put(data)
-            return True
-
-    def release(self) -> None:
-        """Its thread is done writing: publishers may write directly again,
-        unless something is already waiting in the queue."""
-        with self.lock:
-            if not self.closed and self.queue.empty():
-                self.busy = False
-
-    def claim(self) -> bool:
-        """Its thread takes the socket back (for a heartbeat). False if
-        something is queued (the thread should write that instead)."""
-        with self.lock:
-            if not self.queue.empty():
-                return False
-            self.busy = True
-            return True
-
-    def end(self, item: Optional[StreamEnd] = None) -> None:
-        """No more direct writes; optionally queue the reason the stream ends."""
-        with self.lock:
-            self.closed = self.busy = True
-            if item is not None:
-                self.queue.put(item)
+    def __init__(self, topics: Iterable[str], io: Optional[SocketIO] = None, *,
+                 chunked: bool = True):
+        super().__init__(io, chunked=chunked)
+        self.topics = validate_topics(topics)
+        self.since = 0
 
 
 class _Event:
-    __slots__ = ("seq", "frame", "chunk", "topics", "created", "reached")
+    __slots__ = ("seq", "frame", "topics", "created", "reached")
 
     def __init__(self, seq: int, frame: bytes, created: float, topics: tuple[str, ...] = ()):
         self.seq = seq
         self.frame = frame          # the event's bytes (kept in history)
-        self.chunk: Optional[bytes] = encode_chunk(frame)   # the same, chunked (until sent)
         self.topics = topics
         self.created = created
         self.reached = 0
@@ -859,8 +1188,8 @@ class Broker:
         with self._lock:
             self._seq += 1
             event_id = format_event_id(self.run_id, self._seq)
-            frame = format_event(text, event=event, id=event_id, retry=retry)
-            item = _Event(self._seq, frame, self._clock(), tuple(topic_list))
+            frame = _encode_event(text, event, event_id, retry)
+            item = _Event(self._seq, frame, self._clock(), topic_list)
             self._remember(topic_list, item)
             self._pending.append(item)
             self._flush_locked(item.seq)
@@ -894,7 +1223,6 @@ class Broker:
             for subscriber in dropped:
                 self._remove_locked(subscriber)
             for item in batch:
-                item.chunk = None           # history keeps only the frame
                 self.events_delivered += item.reached
             self.events_published += len(batch)
             self.clients_dropped += len(dropped)
@@ -936,44 +1264,39 @@ class Broker:
         kernel. Each subscriber is written by one thread, so its order holds."""
         dropped = []
         for subscribers, events in shares:
-            data = b"".join([item.chunk for item in events])
+            payload = Payload(b"".join([item.frame for item in events]))
             if len(subscribers) >= FAN_OUT_SPLIT_SUBSCRIBERS:
+                payload.framed(True)    # made once, before two threads need it
                 half = len(subscribers) // 2
-                self._helper.start(self._write_share, subscribers[half:], events, data)
-                reached, mine_dropped = self._write_share(subscribers[:half], events, data)
+                self._helper.start(self._write_share, subscribers[half:], events, payload)
+                reached, mine_dropped = self._write_share(subscribers[:half], events, payload)
                 more_reached, more_dropped = self._helper.result()
                 reached = [a + b for a, b in zip(reached, more_reached)]
                 mine_dropped += more_dropped
             else:
-                reached, mine_dropped = self._write_share(subscribers, events, data)
+                reached, mine_dropped = self._write_share(subscribers, events, payload)
             for item, count in zip(events, reached):
                 item.reached += count
             dropped += mine_dropped
         return dropped
 
     def _write_share(self, subscribers: list[Subscriber], events: list[_Event],
-                     chunked: bytes) -> tuple[list[int], list[Subscriber]]:
+                     payload: Payload) -> tuple[list[int], list[Subscriber]]:
         """Returns how many subscribers each event reached, and who was dropped."""
         reached = [0] * len(events)
         everyone = 0        # subscribers that took every event of the share
         dropped = []
-        raw = None
         first = events[0].seq
         for subscriber in subscribers:
             if subscriber.since >= first:   # registered meanwhile: only later events
                 mine = [i for i, item in enumerate(events) if item.seq > subscriber.since]
                 if not mine:
                     continue
-                data = b"".join([events[i].chunk if subscriber.chunked else events[i].frame
-                                 for i in mine])
+                outcome = subscriber.deliver(
+                    Payload(b"".join([events[i].frame for i in mine])), self.queue_size)
             else:
                 mine = None
-                if subscriber.chunked:
-                    data = chunked
-                else:
-                    raw = raw if raw is not None else b"".join([i.frame for i in events])
-                    data = raw
-            outcome = subscriber.deliver(data, self.queue_size)
+                outcome = subscriber.deliver(payload, self.queue_size)
             if outcome:
                 if mine is None:
                     everyone += 1
@@ -982,10 +1305,8 @@ class Broker:
                         reached[i] += 1
             elif outcome is False:
                 dropped.append(subscriber)
-                logger.warning("dropped a slow subscriber of %s: %d events waiting",
+                logger.warning("dropped a slow subscriber of %s: %d writes waiting",
                                ",".join(subscriber.topics), self.queue_size)
-                if subscriber.on_drop:
-                    subscriber.on_drop()
         return [count + everyone for count in reached], dropped
 
     def _remember(self, topics: list[str], event: _Event) -> None:
@@ -1015,16 +1336,17 @@ class Broker:
     # Subscribing
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  on_drop: Optional[Callable[[], None]] = None, fd: Optional[int] = None,
+                  io: Optional[SocketIO] = None,
                   chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
         """Register a subscriber. Returns it and the frames to replay first.
-        `fd` (a non-blocking socket) allows direct writes; see Subscriber.
+        With `io` (its connection) publishers write to it directly while it
+        is idle; without, everything waits in its queue (see StreamSink).
 
         With `last_event_id`, the replay holds every retained event of these
         topics after that id, oldest first; if events may have been missed
         (foreign id, or history no longer reaching back that far) it starts
         with a `reset` event that says why."""
-        subscriber = Subscriber(validate_topics(topics), on_drop, fd=fd, chunked=chunked)
+        subscriber = Subscriber(topics, io, chunked=chunked)
         with self._lock:
             self._register_locked(subscriber)
             replay = self._replay_locked(subscriber.topics, last_event_id) if last_event_id else []
@@ -1225,9 +1547,9 @@ class RedisBroker(Broker):
         return Published(entry_id, local)
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  on_drop: Optional[Callable[[], None]] = None, fd: Optional[int] = None,
+                  io: Optional[SocketIO] = None,
                   chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
-        subscriber = Subscriber(validate_topics(topics), on_drop, fd=fd, chunked=chunked)
+        subscriber = Subscriber(topics, io, chunked=chunked)
         with self._lock:
             if last_event_id and self._delivered_id is None:
                 raise ServiceUnavailable("not connected to redis yet; cannot replay",
@@ -1359,74 +1681,21 @@ class RedisBroker(Broker):
 
 # --- HTTP handler ---------------------------------------------------------------------
 
-class _DeadlineReader(io.RawIOBase):
-    """Socket reads that share one deadline, so a request trickled in a byte
-    at a time (slowloris) still ends when the deadline passes. A per-read
-    timeout alone would restart with every byte.
+class _RequestReader(io.RawIOBase):
+    """The raw stream under a handler's rfile: socket reads that share one
+    deadline, so a request trickled in a byte at a time (slowloris) still
+    ends when the deadline passes. A per-read timeout would restart with
+    every byte. Let go once a stream starts: nothing more is read then."""
 
-    On a plain socket, bytes already there are read with one system call
-    (a socket with a timeout polls before every recv). Before the first
-    read that has to wait, the connection's start-up slot is given back."""
-
-    def __init__(self, sock: socket.socket, fd: Optional[int], startup_slot: "StartupSlot"):
-        self._sock = sock
-        self._fd = fd       # None for TLS
-        self._startup_slot = startup_slot
-        self.deadline: Optional[float] = None
+    def __init__(self, io: SocketIO):
+        self._io = io
+        self.deadline = 0.0     # set for each request (monotonic)
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise socket.timeout("request not received in time")
-            self._sock.settimeout(remaining)    # non-blocking underneath
-            if self._fd is not None:
-                try:
-                    return os.readv(self._fd, [buffer])
-                except BlockingIOError:
-                    pass
-        self._startup_slot.release()
-        return self._sock.recv_into(buffer)
-
-
-class _SocketWriter:
-    """The handler's wfile, for BaseHTTPRequestHandler's own methods that a
-    subclass may call (send_response with end_headers writes and flushes).
-    Unbuffered: our responses are built whole. A plain class with a slot,
-    not an io object with a dict: every subscriber keeps one."""
-
-    __slots__ = ("_sock",)
-
-    def __init__(self, sock: socket.socket):
-        self._sock = sock
-
-    def write(self, data) -> int:
-        self._sock.sendall(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
-
-class StartupSlot:
-    """One of SSEServer's start-up slots, held by a new connection's thread
-    until it first waits for anything (see SSEServer). Taking one waits at
-    most `wait_s`, then goes ahead without. release() may be called often."""
-
-    __slots__ = ("_semaphore",)
-
-    def __init__(self, semaphore: Optional[threading.Semaphore], wait_s: float = 0.0):
-        if semaphore is not None and not semaphore.acquire(timeout=wait_s):
-            semaphore = None
-        self._semaphore = semaphore
-
-    def release(self) -> None:
-        semaphore, self._semaphore = self._semaphore, None
-        if semaphore is not None:
-            semaphore.release()
+        return self._io.recv_into(buffer, self.deadline)
 
 
 def _apply_threading_hooks() -> None:
@@ -1473,9 +1742,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # not listed here, a subclass's say, still work: they go in a dict.)
     __slots__ = ("request", "client_address", "server", "connection", "rfile", "wfile",
                  "raw_requestline", "requestline", "command", "path", "request_version",
-                 "headers", "close_connection", "startup_slot", "_fd", "_reader",
-                 "_body_pending", "_cors", "_chunked",
-                 "_stream_deadline")
+                 "headers", "close_connection", "startup_turn", "_io", "_reader",
+                 "_body_pending", "_cors", "_stream_deadline")
 
     protocol_version = "HTTP/1.1"      # keep-alive for publishers, chunked streams
     server_version = f"sse_server/{__version__}"
@@ -1492,24 +1760,21 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     cors_paths = ("/events", "/publish")
 
     def __init__(self, request, client_address, server,
-                 startup_slot: Optional[StartupSlot] = None):
-        self.startup_slot = startup_slot or StartupSlot(None)
+                 startup_turn: Optional[StartupTurn] = None):
+        self.startup_turn = startup_turn or StartupTurn(None)
         super().__init__(request, client_address, server)
 
     def setup(self) -> None:
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.server.tls_context is not None:
-            # The handshake runs here, in this connection's thread, never in the
-            # accept loop: a plain-HTTP or stalled client only ties up itself.
-            self.startup_slot.release()
-            self.connection.settimeout(self.server.request_timeout_s)
-            self.connection.do_handshake()
-        # A plain socket's descriptor, for single-system-call reads and writes.
-        self._fd = self.connection.fileno() if self.server.tls_context is None else None
-        self._reader = _DeadlineReader(self.connection, self._fd, self.startup_slot)
+        tls = self.server.tls_context is not None
+        self._io = SocketIO(self.connection, self.startup_turn, self.server.write_timeout_s,
+                            tls=tls)
+        if tls:
+            self._io.handshake(time.monotonic() + self.server.request_timeout_s)
+        self._reader = _RequestReader(self._io)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
-        self.wfile = _SocketWriter(self.connection)   # for the base class's writers
+        self.wfile = self._io       # for the base class's own writers
         self._body_pending = False
 
     def finish(self) -> None:
@@ -1535,8 +1800,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.log_error("request timed out: %r", error)
             self.close_connection = True
         # One request's worth at most: a client pipelining requests back to
-        # back never has to wait, and must not keep the slot while it does.
-        self.startup_slot.release()
+        # back never has to wait, and must not keep the turn while it does.
+        self._io.before_wait()
 
     def parse_request(self) -> bool:
         """Parse the request line and headers (instead of the standard
@@ -1575,7 +1840,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = False
         if (self.headers.get("Expect", "").lower() == "100-continue" and
                 version != "HTTP/1.0"):
-            self._send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self._io.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
     # Dispatch: every known method goes through _dispatch; others get 501.
@@ -1654,7 +1919,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                        *headers]
         head = self._head(status, headers)
         self.log_request(status.value, len(body))
-        self._send_all(head if self.command == "HEAD" else head + body)
+        self._io.send_all(head if self.command == "HEAD" else head + body)
 
     _date_cache = (0, "")     # (second, Date header text): formatting it is not free
 
@@ -1683,21 +1948,6 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _respond_json(self, payload: dict) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
         self._respond(HTTPStatus.OK, body, content_type=JSON_CONTENT_TYPE)
-
-    def _send_all(self, data: bytes) -> None:
-        """Write all of `data`, waiting at most the write timeout for room.
-        On a plain socket, first one direct write: usually all that is needed
-        (sendall on a socket with a timeout polls before it sends)."""
-        self.connection.settimeout(self.server.write_timeout_s)   # non-blocking underneath
-        if self._fd is not None:
-            try:
-                data = data[os.write(self._fd, data):]
-            except BlockingIOError:
-                pass
-            if not data:
-                return
-        self.startup_slot.release()     # about to wait for the client
-        self.connection.sendall(data)
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
@@ -1777,10 +2027,10 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             if wait_s:
                 raise TooManyRequests(f"publishing too fast from {client_host}; slow down",
                                       retry_after_s=max(1, math.ceil(wait_s)))
+        query = parse_query(url.query)
         access = self.server.access
-        allowed = access.check_publisher(client_host, self._bearer(),
-                                         self._token(parse_query(url.query)))
-        request = parse_publish(url.query, self.headers.get("Content-Type"), self._read_body())
+        allowed = access.check_publisher(client_host, self._bearer(), self._token(query))
+        request = parse_publish(query, self.headers.get("Content-Type"), self._read_body())
         access.check_publish_topics(allowed, request.topics)
         result = self.server.broker.publish(request.topics, request.data,
                                             event=request.event, retry=request.retry)
@@ -1795,25 +2045,24 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         is held per subscriber: the request's leftovers are let go early."""
         topics, last_event_id = self._check_events_request(url.query)
         self.close_connection = True    # the stream ends only by closing
-        self._chunked = self.request_version != "HTTP/1.0"
-        # A timeout makes the socket non-blocking underneath: publishers' direct
-        # writes never wait, while this thread's sendall waits up to the timeout.
-        self.connection.settimeout(self.server.write_timeout_s)
         host = self.client_address[0]
-        self.server.take_client_slot(host)
+        self.server.take_stream_quota(host)
         try:
             subscriber, replay = self.server.broker.subscribe(
-                topics, last_event_id=last_event_id, on_drop=self._cut_stream,
-                fd=self._fd, chunked=self._chunked)
+                topics, last_event_id=last_event_id, io=self._io,
+                chunked=self.request_version != "HTTP/1.0")
         except BaseException:
-            self.server.release_client_slot(host)
+            self.server.return_stream_quota(host)
             raise
         del topics, last_event_id
         self.server.stream_started(self.connection, subscriber)
         try:
-            self._start_stream(replay)
+            self._start_stream(subscriber, replay)
             del replay
-            self._stream(subscriber)
+            self._io.before_wait()      # set up: let the next connection in
+            end = subscriber.pump(self.server.heartbeat_s, self._stream_deadline)
+            subscriber.say_goodbye(end)
+            logger.debug("stream to %s ended: %s", self.address_string(), end.reason)
         except socket.timeout:
             self.server.broker.count_dropped()
             logger.warning("dropped %s: it accepted no bytes for %ss (--write-timeout)",
@@ -1821,12 +2070,12 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         except OSError as error:    # peer gone, or cut by the broker or shutdown
             logger.debug("stream to %s ended: %r", self.address_string(), error)
         finally:
-            subscriber.end()    # no direct writes from here on: the socket will close
+            subscriber.close()      # nobody touches the socket from here on: it will close
             self.server.broker.unsubscribe(subscriber)
             self.server.stream_ended(self.connection)
-            self.server.release_client_slot(host)
+            self.server.return_stream_quota(host)
 
-    def _check_events_request(self, query_text: str) -> tuple[list[str], Optional[str]]:
+    def _check_events_request(self, query_text: str) -> tuple[Topics, Optional[str]]:
         """Topics, Last-Event-ID and access of a GET /events (an HTTPError if
         not allowed). Sets the stream's deadline if a token with exp allowed it."""
         query = parse_query(query_text)
@@ -1840,155 +2089,119 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                                  time.monotonic() + max(0.0, expires - time.time()))
         return topics, last_event_id
 
-    def _cut_stream(self) -> None:
-        """The broker dropped this subscriber: wake its thread from any
-        blocking write (runs on a publisher's thread)."""
-        self.server.cut_stream(self.connection)
-
-    def _start_stream(self, replay: list[bytes]) -> None:
+    def _start_stream(self, sink: StreamSink, replay: list[bytes]) -> None:
         """Response head and first bytes at once (so EventSource fires `open`
         and proxies see a start), then the replay."""
         self.log_request(200)
-        self._send_all(self._head(HTTPStatus.OK, [
-            ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
-            ("X-Accel-Buffering", "no"),
-            *([("Transfer-Encoding", "chunked")] if self._chunked else [])])
-            + self._frame(CONNECTED_COMMENT + format_retry(self.server.retry_ms)))
-        self._write_frames(replay)
+        sink.write(CONNECTED_COMMENT + format_retry(self.server.retry_ms), head=self._head(
+            HTTPStatus.OK, [
+                ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
+                ("X-Accel-Buffering", "no"),
+                *([("Transfer-Encoding", "chunked")] if sink.chunked else [])]))
+        sink.write_replay(replay)
         # Nothing more is read from a stream: free what parsing the request
         # needed (a read buffer, the headers, the request line).
         self.rfile.close()
         self.rfile = self._reader = self.headers = None
         self.raw_requestline = self.requestline = self.path = None
 
-    def _stream(self, subscriber: Subscriber) -> None:
-        heartbeat_s = self.server.heartbeat_s
-        deadline = self._stream_deadline
-        self.startup_slot.release()     # set up: let the next connection in
-        while True:
-            subscriber.release()        # idle: publishers may write to the socket directly
-            timeout = heartbeat_s
-            if deadline is not None:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0:
-                    subscriber.end()
-                    self._end_stream(format_comment("token expired"))
-                    return
-                timeout = min(timeout, heartbeat_s)
-            try:
-                item = subscriber.queue.get(timeout=timeout)
-            except queue.Empty:
-                if (deadline is None or time.monotonic() < deadline) and subscriber.claim():
-                    self.connection.sendall(self._frame(HEARTBEAT_COMMENT))
-                continue
-            # Everything queued (wire-ready bytes) goes out in one write.
-            pieces = []
-            while not isinstance(item, StreamEnd):
-                pieces.append(item)
-                try:
-                    item = subscriber.queue.get_nowait()
-                except queue.Empty:
-                    item = None
-                    break
-            if pieces:
-                self.connection.sendall(b"".join(pieces))
-                del pieces
-            if item is SHUTDOWN:
-                self._end_stream(format_retry(random.randint(*SHUTDOWN_RETRY_MS)))
-                return
-            if item is DROPPED or item is CLIENT_GONE:
-                return
-
-    def _end_stream(self, last_words: bytes) -> None:
-        """A clean end: last words, then the terminating chunk."""
-        self._send_all(self._frame(last_words) + (LAST_CHUNK if self._chunked else b""))
-
-    def _frame(self, payload: bytes) -> bytes:
-        return encode_chunk(payload) if self._chunked else payload
-
-    def _write_frames(self, frames: list[bytes]) -> None:
-        """Write frames as few chunks as possible (one, unless very large)."""
-        batch, size = [], 0
-        for frame in frames:
-            batch.append(frame)
-            size += len(frame)
-            if size >= MAX_CHUNK_BYTES:
-                self._send_all(self._frame(b"".join(batch)))
-                batch, size = [], 0
-        if batch:
-            self._send_all(self._frame(b"".join(batch)))
-
 
 class HangupWatcher:
     """One thread that notices when stream clients hang up.
 
     A stream's thread only learns its client left when a write fails, which
-    can take two heartbeats. Watching every stream socket for EOF in one
-    epoll frees the thread and its --max-clients slot at once. Streams never
-    read after their request, so a readable stream socket means EOF, a reset,
-    or bytes the client should not have sent; MSG_PEEK tells which. Where
-    there is no epoll (macOS, Windows) it does nothing and heartbeats do the job.
+    can take two heartbeats. Watching every stream socket in one selector
+    frees the thread and its --max-clients place at once. Streams never read
+    after their request, so a readable stream socket means EOF, a reset, or
+    bytes the client should not have sent; a peek tells which.
+
+    The selector is the platform's best (hangup_selector): epoll and kqueue
+    see a socket as soon as it is registered; poll and select read their set
+    once per call, so the loop calls again every HANGUP_CHECK_S. Where the
+    selector has a size limit (select() on Windows) the streams beyond it are
+    not watched (logged once); their heartbeats find out instead.
     """
 
     def __init__(self, on_hangup: Callable[[socket.socket], None]):
         self._on_hangup = on_hangup     # called with the socket, on this thread
-        # _lock guards _sockets and _thread; epoll.poll() itself runs
-        # unlocked, so watch() and forget() never wait on it.
+        # _lock guards everything below; select() itself runs unlocked, so
+        # watch() and forget() never wait on it.
         self._lock = threading.Lock()
-        self._epoll = None
-        self._sockets: dict[int, socket.socket] = {}
+        self._selector: Optional[selectors.BaseSelector] = None
+        self._capacity: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self._wakeup: Optional[tuple[socket.socket, socket.socket]] = None
         self._closed = False
+        self._told_full = False
 
-    def watch(self, sock: socket.socket) -> None:
-        if not hasattr(select, "epoll"):
-            return
+    def watch(self, sock: socket.socket) -> bool:
+        """Watch a stream socket; False if it cannot be (heartbeats then do it)."""
         with self._lock:
             if self._closed:
-                return
+                return False
             if self._thread is None:
-                self._epoll = select.epoll()
+                self._selector, self._capacity = hangup_selector()
                 self._wakeup = socket.socketpair()
-                self._epoll.register(self._wakeup[0].fileno(), select.EPOLLIN)
+                self._selector.register(self._wakeup[0], selectors.EVENT_READ)
                 self._thread = threading.Thread(target=self._run, name="hangup-watcher",
                                                 daemon=True)
                 self._thread.start()
-            self._epoll.register(sock.fileno(), select.EPOLLIN | select.EPOLLRDHUP)
-            self._sockets[sock.fileno()] = sock     # only once registered
+            if self._capacity is not None and not self._room_for(sock):
+                if not self._told_full:
+                    self._told_full = True
+                    logger.warning("the %s here watches at most %d streams for hang-ups; "
+                                   "beyond that, heartbeats notice departed clients",
+                                   type(self._selector).__name__, self._capacity)
+                return False
+            self._selector.register(sock, selectors.EVENT_READ)
+            return True
+
+    def _room_for(self, sock: socket.socket) -> bool:
+        """select() takes a bounded number of sockets (and, on POSIX, only
+        descriptors below FD_SETSIZE: a probe of this one finds out)."""
+        if len(self._selector.get_map()) > self._capacity:     # the wake-up socket is one
+            return False
+        try:
+            select.select([sock], [], [], 0)
+        except ValueError:
+            return False
+        return True
 
     def forget(self, sock: socket.socket) -> None:
         """Stop watching; call before the socket is closed (its number is reused)."""
         with self._lock:
-            fd = sock.fileno()
-            if self._sockets.get(fd) is sock:
-                del self._sockets[fd]
-                self._epoll.unregister(fd)
+            if self._selector is not None:
+                key = self._selector.get_map().get(sock.fileno())
+                if key is not None and key.fileobj is sock:
+                    self._selector.unregister(sock)
 
     def _run(self) -> None:
         while True:
-            ready = self._epoll.poll()
+            try:
+                ready = self._selector.select(HANGUP_CHECK_S)
+            except OSError:     # select() on a socket closed meanwhile: try again
+                ready = []
             hung_up = []
             with self._lock:
                 if self._closed:
                     break
-                for fd, _ in ready:
-                    sock = self._sockets.get(fd)
-                    if sock is None:
+                for key, _ in ready:
+                    sock = key.fileobj
+                    if sock is self._wakeup[0] or self._selector.get_map().get(
+                            key.fd) is not key:
                         continue    # the wake-up socket, or forgotten meanwhile
                     try:
-                        peeked = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                        peeked = sock.recv(1, socket.MSG_PEEK)   # non-blocking: SocketIO
                     except BlockingIOError:
                         continue    # a stale readiness report
                     except OSError:
                         peeked = b""    # reset by the peer
-                    del self._sockets[fd]
-                    self._epoll.unregister(fd)
+                    self._selector.unregister(sock)
                     if not peeked:
                         hung_up.append(sock)
             for sock in hung_up:
                 self._on_hangup(sock)
-        self._epoll.close()
+        self._selector.close()
         for sock in self._wakeup:
             sock.close()
 
@@ -2006,28 +2219,109 @@ class HangupWatcher:
 
 # --- Server ---------------------------------------------------------------------------
 
-class SSEServer(http.server.ThreadingHTTPServer):
+class BurstAcceptMixIn:
+    """Mix-in for a socketserver TCP server, in place of ThreadingMixIn: each
+    connection gets its own thread, for as long as it lasts, but thousands
+    can arrive at once without the server slowing to a crawl.
+
+    Premise: a new connection's thread needs the GIL for ~100 us of parsing
+    and subscribing, and then mostly waits. With hundreds starting together
+    every system call becomes a GIL hand-off between them (measured: three
+    times the CPU per connection). So:
+
+    - The listener is non-blocking and each wake-up of serve_forever accepts
+      up to ACCEPTS_PER_WAKEUP waiting connections; verify_request() is asked
+      about each, as socketserver does.
+    - Connections are set up STARTUP_TURNS at a time. The accept loop takes a
+      StartupTurn before it starts a connection's thread (waiting at most
+      STARTUP_WAIT_S, then starting it anyway); the thread gives the turn
+      back the first time it is about to wait for anything (SocketIO
+      .before_wait: its client's bytes, room to write, its next request or
+      event) or when it ends. A silent, slow or pipelining client holds none.
+    - Threads are started with _thread.start_new_thread, the documented
+      low-level API: a threading.Thread costs ~2.5 KiB more per connection
+      and a start-up handshake in which the accepting thread sleeps until
+      the new one runs. They are therefore daemonic and not listed by
+      threading.enumerate(); the server counts them (`_connections`).
+
+    Call chain: serve_forever -> _handle_request_noblock -> verify_request ->
+    process_request -> [new thread] process_request_thread -> finish_request
+    (the handler) -> shutdown_request. finish_request() gets the turn as a
+    fourth argument for the handler class."""
+
+    def __init__(self, *args, **kwargs):
+        # _connections_lock guards _connections (and what a subclass adds under
+        # it); the condition is notified whenever a handler thread ends.
+        self._connections_lock = threading.Lock()
+        self._handler_done = threading.Condition(self._connections_lock)
+        self._connections: dict[socket.socket, Optional[StreamSink]] = {}
+        self._startup_turns = threading.BoundedSemaphore(STARTUP_TURNS)
+        # One bound method for every handler thread to run (each thread keeps
+        # what it was started with for as long as it lives).
+        self._thread_main = self.process_request_thread
+        super().__init__(*args, **kwargs)
+
+    def server_activate(self) -> None:
+        super().server_activate()
+        self.socket.setblocking(False)      # accept until the backlog is empty
+
+    def _handle_request_noblock(self) -> None:
+        """Called by serve_forever when the listening socket is readable."""
+        for _ in range(ACCEPTS_PER_WAKEUP):     # bounded, so shutdown is noticed
+            try:
+                request, client_address = self.get_request()
+            except OSError:     # BlockingIOError: the backlog is empty
+                return
+            if not self.verify_request(request, client_address):
+                self.shutdown_request(request)
+                continue
+            turn = StartupTurn(self._startup_turns, STARTUP_WAIT_S)
+            try:
+                self.process_request(request, client_address, turn)
+            except Exception:
+                turn.release()
+                self.handle_error(request, client_address)
+                self.shutdown_request(request)
+
+    def process_request(self, request, client_address, turn=None) -> None:
+        """Start the connection's thread."""
+        turn = turn or StartupTurn(None)
+        with self._connections_lock:
+            self._connections[request] = None
+        try:
+            _thread.start_new_thread(self._thread_main, (request, client_address, turn))
+        except BaseException:
+            self._handler_finished(request)
+            raise
+
+    def process_request_thread(self, request, client_address, turn) -> None:
+        _apply_threading_hooks()
+        try:
+            self.finish_request(request, client_address, turn)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            turn.release()      # if the handler has not already
+            self.shutdown_request(request)
+            self._handler_finished(request)
+
+    def finish_request(self, request, client_address, turn=None) -> None:
+        # The turn goes positionally: a kwargs dict would live as long as the stream.
+        self.RequestHandlerClass(request, client_address, self, turn)
+
+    def _handler_finished(self, request) -> None:
+        with self._connections_lock:
+            del self._connections[request]
+            self._handler_done.notify_all()
+
+
+class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
     """The HTTP server: owns the broker and the settings.
 
-    Each connection gets its own thread, for as long as it lasts, as in any
-    ThreadingHTTPServer. Two things differ, both for bursts of thousands of
-    connects (measured in bench/, explained in the README):
-
-    - Handler threads are started with _thread.start_new_thread, the
-      documented low-level API. A threading.Thread costs ~2.5 KiB more per
-      connection (its Event, Condition and locks) and a start-up handshake
-      in which the accepting thread sleeps until the new one runs. Handler
-      threads are therefore not in threading.enumerate(); the server counts
-      them itself, and they are daemonic (they never keep the process alive).
-    - Connections are set up STARTUP_SLOTS at a time. A new connection's
-      thread needs the GIL for ~100 us of parsing and subscribing; with
-      hundreds of them starting at once every system call becomes a GIL
-      hand-off between threads, which tripled the CPU per connection. The
-      accepting thread takes a slot before it starts a connection's thread;
-      the handler gives it back as soon as it would wait for anything (the
-      client's bytes, the next event, a TLS handshake) or has answered its
-      first request, so a silent, slow or pipelining client holds no slot,
-      and after STARTUP_WAIT_S the thread starts regardless.
+    A ThreadingHTTPServer whose connections are accepted and started by
+    BurstAcceptMixIn (see there). It keeps, for each connection, the
+    StreamSink of its open stream if it has one: the hang-up watcher ends a
+    stream through it, and shutdown() says goodbye through it.
 
     shutdown() stops accepting, ends every stream with a `retry:` spread and
     a terminating chunk, and returns within about two seconds."""
@@ -2050,8 +2344,8 @@ class SSEServer(http.server.ThreadingHTTPServer):
                  redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
         if not write_timeout_s or write_timeout_s <= 0:
-            # A stream socket with a timeout is non-blocking underneath, which
-            # is what keeps a publisher's direct write from ever waiting.
+            # Every wait for a client has a deadline: without one a stuck client
+            # would hold its thread (and, writing, its stream) forever.
             raise ValueError("write_timeout_s must be a positive number of seconds")
         if ":" in server_address[0]:
             self.address_family = socket.AF_INET6
@@ -2076,46 +2370,19 @@ class SSEServer(http.server.ThreadingHTTPServer):
                               max_subscribers=max_clients)
         self.broker = (RedisBroker(redis_url, key=redis_key, **broker_options) if redis_url
                        else Broker(**broker_options))
-        # _connections_lock guards the fields below it; the condition is
-        # notified whenever a stream or a handler thread ends.
-        self._connections_lock = threading.Lock()
-        self._handler_done = threading.Condition(self._connections_lock)
-        # Each connection, with the subscriber of its open stream if it has one.
-        self._connections: dict[socket.socket, Optional[Subscriber]] = {}
+        # Under _connections_lock (BurstAcceptMixIn's), with _connections:
+        # open streams, counted rather than derived from _connections because
+        # shutdown()'s wait re-checks it at every stream's end (O(n) each, O(n²)
+        # with 10,000 streams); and streams per client address.
         self._open_streams = 0
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
-        self._startup_slots = threading.BoundedSemaphore(STARTUP_SLOTS)
         self._serving = False
         self._hangups = HangupWatcher(self._hung_up)
-        # One bound method for every handler thread to run (each thread keeps
-        # what it was started with for as long as it lives).
-        self._thread_main = self.process_request_thread
         try:
             super().__init__(server_address, handler_class, bind_and_activate)
         except BaseException:
             self.broker.close()     # stops the Redis reader, if any
             raise
-
-    def server_activate(self) -> None:
-        super().server_activate()
-        self.socket.setblocking(False)      # accept until the backlog is empty
-
-    def _handle_request_noblock(self) -> None:
-        """Called by serve_forever when the listening socket is readable:
-        accept what is waiting (a bounded number, so shutdown is noticed),
-        each once a start-up slot is free."""
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                request, client_address = self.get_request()
-            except OSError:     # BlockingIOError: the backlog is empty
-                return
-            slot = StartupSlot(self._startup_slots, STARTUP_WAIT_S)
-            try:
-                self.process_request(request, client_address, slot)
-            except Exception:
-                slot.release()
-                self.handle_error(request, client_address)
-                self.shutdown_request(request)
 
     def get_request(self):
         sock, address = super().get_request()
@@ -2124,16 +2391,16 @@ class SSEServer(http.server.ThreadingHTTPServer):
                                                 do_handshake_on_connect=False)
         return sock, address
 
-    def take_client_slot(self, host: str) -> None:
-        """Take one of the --max-clients-per-ip stream slots of `host` (503
-        when none is left); give it back with release_client_slot()."""
+    def take_stream_quota(self, host: str) -> None:
+        """Count a stream from `host` against --max-clients-per-ip (503 when
+        its quota is used up); give it back with return_stream_quota()."""
         with self._connections_lock:
             if self.max_clients_per_ip and self._streams_per_ip[host] >= self.max_clients_per_ip:
                 raise ServiceUnavailable(
                     f"too many streams from {host} (limit {self.max_clients_per_ip})")
             self._streams_per_ip[host] += 1
 
-    def release_client_slot(self, host: str) -> None:
+    def return_stream_quota(self, host: str) -> None:
         with self._connections_lock:
             self._streams_per_ip[host] -= 1
             if not self._streams_per_ip[host]:
@@ -2160,40 +2427,9 @@ class SSEServer(http.server.ThreadingHTTPServer):
         finally:
             self._serving = False
 
-    def process_request(self, request, client_address, slot=None) -> None:
-        """Start the connection's thread (see the class docstring)."""
-        slot = slot or StartupSlot(None)
+    def stream_started(self, connection: socket.socket, sink: StreamSink) -> None:
         with self._connections_lock:
-            self._connections[request] = None
-        try:
-            _thread.start_new_thread(self._thread_main, (request, client_address, slot))
-        except BaseException:
-            self._handler_finished(request)
-            raise
-
-    def process_request_thread(self, request, client_address, slot) -> None:
-        _apply_threading_hooks()
-        try:
-            self.finish_request(request, client_address, slot)
-        except Exception:
-            self.handle_error(request, client_address)
-        finally:
-            slot.release()      # if the handler has not already
-            self.shutdown_request(request)
-            self._handler_finished(request)
-
-    def finish_request(self, request, client_address, slot=None) -> None:
-        # The slot goes positionally: a kwargs dict would live as long as the stream.
-        self.RequestHandlerClass(request, client_address, self, slot)
-
-    def _handler_finished(self, request) -> None:
-        with self._connections_lock:
-            del self._connections[request]
-            self._handler_done.notify_all()
-
-    def stream_started(self, connection: socket.socket, subscriber: Subscriber) -> None:
-        with self._connections_lock:
-            self._connections[connection] = subscriber
+            self._connections[connection] = sink
             self._open_streams += 1
         if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
             try:
@@ -2210,19 +2446,19 @@ class SSEServer(http.server.ThreadingHTTPServer):
             self._handler_done.notify_all()
 
     def cut_stream(self, connection: socket.socket) -> None:
-        """Shut a stream's socket, waking its thread from a blocking write;
-        from another thread (a publisher, or shutdown). Only while the stream
-        is open: after stream_ended the socket's number may be reused."""
+        """Cut a stream's connection, as a network failure would (its client
+        reconnects); from any thread. Nothing happens once the stream is over."""
         with self._connections_lock:
-            if self._connections.get(connection) is not None:
-                _shutdown_sockets([connection], socket.SHUT_RDWR)
+            sink = self._connections.get(connection)
+        if sink is not None:
+            sink.cut()
 
     def _hung_up(self, connection: socket.socket) -> None:
         """The HangupWatcher saw a stream's client go: end that stream."""
         with self._connections_lock:
-            subscriber = self._connections.get(connection)
-        if subscriber is not None:
-            subscriber.end(CLIENT_GONE)
+            sink = self._connections.get(connection)
+        if sink is not None:
+            sink.end(CLIENT_GONE)
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
@@ -2237,16 +2473,21 @@ class SSEServer(http.server.ThreadingHTTPServer):
             super().shutdown()
         self.broker.close()     # each stream writes retry: + its last chunk and ends
         with self._connections_lock:
-            idle = [sock for sock, stream in self._connections.items() if stream is None]
+            idle = [sock for sock, sink in self._connections.items() if sink is None]
         # SHUT_RD ends a thread waiting for the next keep-alive request at once,
         # and still lets a response being written go out.
         _shutdown_sockets(idle, socket.SHUT_RD)
         with self._connections_lock:
             self._handler_done.wait_for(lambda: not self._open_streams,
                                         timeout=SHUTDOWN_GRACE_S)
-            stuck = list(self._connections)
-        # Clients too stuck to take their last chunk are cut.
-        _shutdown_sockets(stuck, socket.SHUT_RDWR)
+            stuck = list(self._connections.items())
+        # Clients too stuck to take their last chunk are cut (a stream only
+        # through its sink, which knows whether the socket is still open).
+        for sock, sink in stuck:
+            if sink is not None:
+                sink.cut()
+            else:
+                _shutdown_sockets([sock], socket.SHUT_RDWR)
         with self._connections_lock:
             self._handler_done.wait_for(lambda: not self._connections, timeout=0.5)
         self._hangups.close()
@@ -2374,29 +2615,33 @@ def _enlarge_futex_hash(slots: int = FUTEX_HASH_SLOTS) -> bool:
     that Linux sizes by CPU count (a few dozen buckets). With thousands of
     subscriber threads every wake-up then walks hundreds of waiters; measured
     here it doubled the time to connect 10,000 subscribers. Linux 6.16 lets a
-    process ask for more buckets (prctl PR_FUTEX_HASH); elsewhere it is a no-op."""
-    if not sys.platform.startswith("linux"):
-        return False
+    process ask for more buckets (prctl PR_FUTEX_HASH). Where there is no
+    ctypes, no C library to load, no prctl (macOS, BSD, Windows) or an older
+    kernel (EINVAL), nothing happens."""
     try:
         import ctypes
-        libc = ctypes.CDLL(None, use_errno=True)
-        pr_futex_hash, set_slots = 78, 1
-        return libc.prctl(pr_futex_hash, set_slots, ctypes.c_ulong(slots),
-                          ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
-    except (ImportError, OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)    # TypeError on Windows
+        prctl = libc.prctl                          # AttributeError without prctl
+    except (ImportError, OSError, AttributeError, TypeError):
         return False
+    pr_futex_hash, set_slots = 78, 1
+    return prctl(pr_futex_hash, set_slots, ctypes.c_ulong(slots),
+                 ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 
 
 def _raise_open_files_limit(wanted: int) -> None:
     """Each subscriber holds a socket: lift the soft limit towards the hard one."""
     try:
         import resource
-    except ImportError:     # not on Windows
+    except ImportError:     # Windows: no such limit to raise
         return
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):   # macOS caps it below a hard limit of "infinity"
+            return
     if target < wanted:
         logger.warning("open-files limit %d is below --max-clients; raise it (ulimit -n)", hard)
 
@@ -2419,7 +2664,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     # thread (not a threading.Thread, see SSEServer) would register a dummy
     # Thread object for it in the threading module, one per connection.
     logging.logThreads = False
-    threading.stack_size(THREAD_STACK_BYTES)   # thousands of subscriber threads
+    try:
+        threading.stack_size(THREAD_STACK_BYTES)   # thousands of subscriber threads
+    except (ValueError, RuntimeError):      # a platform that cannot set it keeps its own
+        pass
     _enlarge_futex_hash()
     # Thousands of long-lived objects per thousand subscribers: keep the
     # start-up objects out of collections and collect young objects less often.

@@ -394,8 +394,8 @@ class FormatEventTests(unittest.TestCase):
 class ParsingTests(unittest.TestCase):
     def test_valid_topics(self):
         self.assertEqual(validate_topics(["a", "b/c", "x.y:z@w-1_2", "a"]),
-                         ["a", "b/c", "x.y:z@w-1_2"])
-        self.assertEqual(validate_topics(["t" * 128]), ["t" * 128])
+                         ("a", "b/c", "x.y:z@w-1_2"))
+        self.assertEqual(validate_topics(["t" * 128]), ("t" * 128,))
 
     def test_invalid_topics(self):
         for topics in ([], [""], ["t" * 129], ["a b"], ["a*"], ["é"], ["a\n"],
@@ -412,24 +412,22 @@ class ParsingTests(unittest.TestCase):
                 parse_query(bad)
 
     def test_publish_form_body(self):
-        request = parse_publish("", "application/x-www-form-urlencoded; charset=UTF-8",
+        request = parse_publish({}, "application/x-www-form-urlencoded; charset=UTF-8",
                                 b"topic=a&topic=b&data=hi%0Athere&event=update&retry=100")
-        self.assertEqual(request, sse_server.PublishRequest(["a", "b"], "hi\nthere", "update", 100))
+        self.assertEqual(request, sse_server.PublishRequest(("a", "b"), "hi\nthere", "update", 100))
 
     def test_publish_raw_body_with_query_fields(self):
-        request = parse_publish("topic=news&event=greeting", "text/plain",
+        request = parse_publish(parse_query("topic=news&event=greeting"), "text/plain",
                                 "line 1\r\nl\u00efne 2".encode())
         self.assertEqual(request, sse_server.PublishRequest(
-            ["news"], "line 1\r\nl\u00efne 2", "greeting", None))
-        self.assertEqual(parse_publish("topic=a", None, b"").data, "")
+            ("news",), "line 1\r\nl\u00efne 2", "greeting", None))
+        self.assertEqual(parse_publish({"topic": ["a"]}, None, b"").data, "")
 
     def test_publish_errors(self):
         cases = [
             ("", "text/plain", b"x"),                                   # no topic
             ("topic=a", "text/plain", b"\xff\xfe"),                     # invalid UTF-8
-            ("topic=a&event=a%0Ab", None, b""),                         # LF in event
-            ("topic=a&event=a%0Db", None, b""),                         # CR in event
-            ("topic=a&event=a%00b", None, b""),                         # NUL in event
+            ("topic=a&event=a&event=b", None, b""),                     # event twice
             ("topic=a&retry=soon", None, b""),                          # non-numeric retry
             ("topic=a&retry=-1", None, b""),
             ("", "application/x-www-form-urlencoded", b"topic=a&data=1&data=2"),
@@ -437,8 +435,28 @@ class ParsingTests(unittest.TestCase):
         ]
         for query, content_type, body in cases:
             with self.subTest(query=query, body=body), self.assertRaises(HTTPError) as caught:
-                parse_publish(query, content_type, body)
+                parse_publish(parse_query(query), content_type, body)
             self.assertEqual(caught.exception.status, 400)
+
+    def test_event_fields_are_checked_once_where_every_publish_goes(self):
+        # parse_publish leaves the event name to Broker.publish, which checks it
+        # for HTTP and Python callers alike: a 400 for one, a ValueError for the other.
+        request = parse_publish(parse_query("topic=a&event=a%0Ab"), None, b"")
+        broker = Broker()
+        for bad in ({"event": "a\nb"}, {"event": "a\rb"}, {"event": "a\0b"},
+                    {"event": "e" * 129}, {"retry": -1}, {"retry": True}):
+            with self.subTest(bad=bad), self.assertRaises(sse_server.InvalidEvent) as caught:
+                broker.publish("a", "x", **bad)
+            self.assertEqual(caught.exception.status, 400)
+            self.assertIsInstance(caught.exception, ValueError)
+        with self.assertRaises(sse_server.InvalidEvent):
+            broker.publish(request.topics, request.data, event=request.event)
+        self.assertEqual(broker.stats()["events_published"], 0)
+
+    def test_checked_topics_are_not_checked_again(self):
+        topics = validate_topics(["a", "b", "a"])
+        self.assertEqual(topics, ("a", "b"))
+        self.assertIs(validate_topics(topics), topics)
 
     def test_event_ids(self):
         self.assertEqual(parse_event_id("abcd-42", "abcd"), 42)
@@ -588,14 +606,13 @@ class BrokerTests(unittest.TestCase):
 
     def test_full_queue_drops_the_subscriber_not_the_publisher(self):
         broker = Broker(queue_size=3)
-        dropped = threading.Event()
-        slow, _ = broker.subscribe(["a"], on_drop=dropped.set)
+        slow, _ = broker.subscribe(["a"])
         fast, _ = broker.subscribe(["a"])
         for n in range(3):
             broker.publish("a", str(n))
             drain(fast)
         self.assertEqual(broker.publish("a", "3").subscribers, 1)
-        self.assertTrue(dropped.is_set())
+        self.assertIs(slow.state, slow.ENDED)
         self.assertIs(drain(slow)[-1], sse_server.DROPPED)
         self.assertEqual(data_of(drain(fast)), ["3"])
         self.assertEqual(broker.stats()["clients_dropped"], 1)
@@ -703,8 +720,8 @@ class BrokerTests(unittest.TestCase):
                                  [f"{p}:{n}" for n in range(500)])
 
 
-class FastPathTests(unittest.TestCase):
-    """Direct writes to idle subscribers (Subscriber's ownership rules)."""
+class StreamSinkTests(unittest.TestCase):
+    """The one owner of a stream's socket (StreamSink's rules), on a socketpair."""
 
     def test_server_needs_a_write_timeout(self):
         for bad in (None, 0, -1):
@@ -715,52 +732,180 @@ class FastPathTests(unittest.TestCase):
         self.server_end, self.client_end = socket.socketpair()
         self.addCleanup(self.server_end.close)
         self.addCleanup(self.client_end.close)
-        self.server_end.setblocking(False)
         self.broker = Broker(queue_size=1_000_000)
-        self.subscriber, _ = self.broker.subscribe(["a"], fd=self.server_end.fileno())
+        self.subscriber, _ = self.broker.subscribe(["a"], io=self.socket_io())
+
+    def socket_io(self, **options):
+        return sse_server.SocketIO(self.server_end, sse_server.StartupTurn(None),
+                                   write_timeout_s=WAIT_S, **options)
 
     def received(self) -> bytes:
         self.client_end.setblocking(False)
         data = b""
         with contextlib.suppress(BlockingIOError):
             while True:
-                data += self.client_end.recv(1 << 20)
+                chunk = self.client_end.recv(1 << 20)
+                if not chunk:
+                    break
+                data += chunk
         return data
 
-    def test_busy_until_its_thread_releases_then_direct(self):
+    def test_owned_by_its_thread_until_it_parks_then_direct(self):
+        sink = self.subscriber
+        self.assertIs(sink.state, sink.THREAD)
         self.broker.publish("a", "queued")              # the thread still owns the socket
-        self.assertEqual(data_of(drain(self.subscriber)), ["queued"])
-        self.subscriber.release()
+        self.assertEqual(self.received(), b"")
+        self.assertEqual(data_of(drain(sink)), ["queued"])
+        sink.park()
+        self.assertIs(sink.state, sink.IDLE)
         self.broker.publish("a", "direct")
-        self.assertTrue(self.subscriber.queue.empty())
+        self.assertTrue(sink.queue.empty())
+        self.assertIs(sink.state, sink.IDLE)
         self.assertEqual(data_of([self.received()]), ["direct"])
 
+    def test_park_keeps_the_socket_while_something_is_queued(self):
+        sink = self.subscriber
+        self.broker.publish("a", "waiting")
+        sink.park()
+        self.assertIs(sink.state, sink.THREAD)
+        self.broker.publish("a", "behind it")
+        self.assertEqual(data_of(drain(sink)), ["waiting", "behind it"])
+        self.assertEqual(self.received(), b"")
+
     def test_partial_write_queues_the_rest_first_and_keeps_order(self):
-        self.subscriber.release()
+        self.subscriber.park()
         payload = "x" * 50_000
         for n in range(100):        # far more than the socket buffers hold
             self.broker.publish("a", f"{n} {payload}")
-        self.assertTrue(self.subscriber.busy)
+        self.assertIs(self.subscriber.state, self.subscriber.THREAD)
         wire = self.received() + b"".join(drain(self.subscriber))
         self.assertEqual(data_of([wire]), [f"{n} {payload}" for n in range(100)])
 
     def test_claim_for_heartbeat_and_end(self):
-        self.subscriber.release()
-        self.assertTrue(self.subscriber.claim())        # its thread writes a heartbeat
+        sink = self.subscriber
+        sink.park()
+        self.assertTrue(sink.claim())                   # its thread writes a heartbeat
+        self.assertIs(sink.state, sink.THREAD)
         self.broker.publish("a", "meanwhile")
         self.assertEqual(self.received(), b"")          # queued, not interleaved
-        self.assertFalse(self.subscriber.claim())       # something waits: write that first
-        self.subscriber.end()
-        self.broker.publish("a", "after the end")
-        self.assertEqual(data_of(drain(self.subscriber)), ["meanwhile"])
+        self.assertFalse(sink.claim())                  # something waits: write that first
+        self.assertTrue(sink.end(sse_server.CLIENT_GONE))
+        self.assertFalse(sink.end(sse_server.SHUTDOWN))     # the first reason stands
+        self.assertIs(sink.state, sink.ENDED)
+        self.assertEqual(self.broker.publish("a", "after the end").subscribers, 0)
+        sink.park()
+        self.assertIs(sink.state, sink.ENDED)
+        self.assertEqual(drain(sink)[-1], sse_server.CLIENT_GONE)
+        self.assertFalse(sink.claim())
         self.assertEqual(self.received(), b"")
+
+    def test_full_queue_ends_the_stream_and_cuts_its_socket(self):
+        broker = Broker(queue_size=2)
+        sink, _ = broker.subscribe(["a"], io=self.socket_io())
+        for n in range(2):
+            self.assertEqual(broker.publish("a", str(n)).subscribers, 1)
+        self.assertEqual(broker.publish("a", "one too many").subscribers, 0)
+        self.assertIs(sink.state, sink.ENDED)
+        self.assertIs(drain(sink)[-1], sse_server.DROPPED)
+        self.client_end.settimeout(WAIT_S)
+        self.assertEqual(self.client_end.recv(10), b"")     # cut: the client sees the end
+
+    def test_a_delivery_racing_the_end_is_whole_or_absent(self):
+        sink = self.subscriber
+        sink.park()
+        started = threading.Event()
+
+        def publish():
+            for n in range(3000):
+                self.broker.publish("a", f"{n} " + "y" * 200)
+                started.set()
+
+        publisher = threading.Thread(target=publish)
+        publisher.start()
+        received = []
+        self.client_end.settimeout(0.05)
+        self.assertTrue(started.wait(WAIT_S))
+        sink.end(sse_server.CLIENT_GONE)
+        while publisher.is_alive() or not received or received[-1]:
+            try:
+                received.append(self.client_end.recv(1 << 20))
+            except socket.timeout:
+                if not publisher.is_alive():
+                    break
+        publisher.join(WAIT_S)
+        queued = drain(sink)
+        ends = [item for item in queued if isinstance(item, sse_server.StreamEnd)]
+        self.assertEqual(ends, [sse_server.CLIENT_GONE])
+        self.assertIs(queued[-1], sse_server.CLIENT_GONE)   # nothing after the end
+        wire = b"".join(received) + b"".join(queued[:-1])
+        got = data_of([wire])       # a strict parse: no half event anywhere
+        self.assertEqual(got, [f"{n} " + "y" * 200 for n in range(len(got))])
+        self.assertLess(len(got), 3000)
+
+    def test_nothing_touches_the_socket_after_close(self):
+        sink = self.subscriber
+        sink.park()
+        sink.close()
+        self.assertIs(sink.state, sink.CLOSED)
+        self.assertEqual(self.broker.publish("a", "too late").subscribers, 0)
+        self.assertFalse(sink.end(sse_server.SHUTDOWN))
+        self.assertFalse(sink.claim())
+        sink.cut()                                      # no effect either
+        sink.park()
+        self.assertIs(sink.state, sink.CLOSED)
+        self.server_end.sendall(b"still open")
+        self.client_end.settimeout(WAIT_S)
+        self.assertEqual(self.client_end.recv(100), b"still open")
+        self.assertTrue(sink.queue.empty())
+
+    def test_tls_and_socketless_sinks_never_take_direct_writes(self):
+        for sink in (sse_server.StreamSink(), sse_server.StreamSink(self.socket_io(tls=True))):
+            with self.subTest(io=sink.io):
+                sink.park()
+                self.assertIs(sink.state, sink.THREAD)
+                self.assertTrue(sink.deliver(sse_server.Payload(b"data: x\n\n"), 10))
+                self.assertEqual(sink.queue.get_nowait(), encode_chunk(b"data: x\n\n"))
 
     def test_http10_subscriber_gets_raw_frames(self):
         broker = Broker()
-        subscriber, _ = broker.subscribe(["a"], fd=self.server_end.fileno(), chunked=False)
-        subscriber.release()
+        subscriber, _ = broker.subscribe(["a"], io=self.socket_io(), chunked=False)
+        subscriber.park()
         event_id = broker.publish("a", "raw").id
         self.assertEqual(self.received(), f"id: {event_id}\ndata: raw\n\n".encode())
+
+    def test_pump_writes_heartbeats_events_and_a_clean_end(self):
+        sink = self.subscriber
+        outcome = []
+        pump = threading.Thread(target=lambda: outcome.append(sink.pump(heartbeat_s=0.05)))
+        pump.start()
+        self.addCleanup(pump.join, WAIT_S)
+        self.client_end.settimeout(WAIT_S)
+        wire = b""
+        while b"heartbeat" not in unchunk_prefix(wire):
+            wire += self.client_end.recv(4096)
+        self.broker.publish("a", "live")
+        while b"live" not in unchunk_prefix(wire):
+            wire += self.client_end.recv(4096)
+        sink.end(sse_server.SHUTDOWN)
+        pump.join(WAIT_S)
+        self.assertEqual(outcome, [sse_server.SHUTDOWN])
+        sink.say_goodbye(outcome[0])
+        while not wire.endswith(sse_server.LAST_CHUNK):
+            wire += self.client_end.recv(4096)
+        client = EventStreamParser()
+        client.feed(unchunk(wire[:-len(sse_server.LAST_CHUNK)]))
+        self.assertIn("heartbeat", client.comments)
+        self.assertEqual([event.data for event in client.events], ["live"])
+        self.assertGreaterEqual(client.retry, 1000)     # the shutdown's reconnect spread
+        self.assertEqual(client.empty_dispatches, 0)
+
+    def test_pump_ends_the_stream_at_its_deadline(self):
+        sink = self.subscriber
+        end = sink.pump(heartbeat_s=WAIT_S, deadline=time.monotonic() + 0.05)
+        self.assertIs(end, sse_server.TOKEN_EXPIRED)
+        self.assertIs(sink.state, sink.ENDED)
+        sink.say_goodbye(end)
+        self.assertEqual(unchunk(self.received()[:-5]), b": token expired\n")
 
     def test_many_subscribers_split_with_a_helper_keep_order(self):
         broker = Broker(queue_size=1_000_000)
@@ -771,6 +916,68 @@ class FastPathTests(unittest.TestCase):
         for subscriber in subscribers:
             self.assertEqual(data_of(drain(subscriber)), ["0", "1", "2", "3", "4"])
         broker.close()
+
+
+class SocketIOTests(unittest.TestCase):
+    """Every wait for a client is SocketIO.wait: with a deadline, after the
+    start-up turn is given back."""
+
+    def setUp(self):
+        self.ours, self.peer = socket.socketpair()
+        self.addCleanup(self.ours.close)
+        self.addCleanup(self.peer.close)
+        self.turns = threading.BoundedSemaphore(1)
+        self.io = sse_server.SocketIO(self.ours, sse_server.StartupTurn(self.turns, 1),
+                                      write_timeout_s=0.2)
+
+    def test_a_read_that_must_wait_gives_the_turn_back_and_keeps_its_deadline(self):
+        self.assertFalse(self.turns.acquire(blocking=False))    # held
+        buffer = bytearray(10)
+        with self.assertRaises(socket.timeout):
+            self.io.recv_into(buffer, time.monotonic() + 0.05)
+        self.assertTrue(self.turns.acquire(blocking=False))     # given back
+        self.peer.sendall(b"ready")
+        self.assertEqual(self.io.recv_into(buffer, time.monotonic()), 5)     # no wait needed
+
+    def test_a_write_to_a_client_that_takes_nothing_times_out(self):
+        with self.assertRaises(socket.timeout):
+            self.io.send_all(b"x" * 20_000_000)
+        self.assertTrue(self.turns.acquire(blocking=False))
+
+    def test_a_write_waits_for_room_and_sends_everything(self):
+        data = os.urandom(4_000_000)
+        self.io.write_timeout_s = WAIT_S
+        received = []
+        reader = threading.Thread(target=lambda: received.append(recv_exactly(self.peer,
+                                                                               len(data))))
+        reader.start()
+        self.io.send_all(data)
+        reader.join(WAIT_S)
+        self.assertEqual(received, [data])
+
+
+def recv_exactly(sock, size) -> bytes:
+    sock.settimeout(WAIT_S)
+    data = bytearray()
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def unchunk_prefix(data: bytes) -> bytes:
+    """The payload of the complete chunks at the start of `data`."""
+    payload = b""
+    while True:
+        size_line, sep, rest = data.partition(b"\r\n")
+        if not sep or not size_line:
+            return payload
+        size = int(size_line, 16)
+        if len(rest) < size + 2:
+            return payload
+        payload, data = payload + rest[:size], rest[size + 2:]
 
 
 # --- Servers on port 0 ---------------------------------------------------------------------
@@ -1361,34 +1568,34 @@ class RequestTimeoutTests(ServerTestCase):
         self.assertEqual(client.next_event().data, "late")
 
 
-def startup_slot_free(server) -> bool:
-    """True if a start-up slot is free (checked by taking and returning one)."""
-    if not server._startup_slots.acquire(blocking=False):
+def startup_turn_free(server) -> bool:
+    """True if a start-up turn is free (checked by taking and returning one)."""
+    if not server._startup_turns.acquire(blocking=False):
         return False
-    server._startup_slots.release()
+    server._startup_turns.release()
     return True
 
 
 class StartupTests(ServerTestCase):
-    """How connections are set up: start-up slots, _thread handler threads."""
+    """How connections are set up: start-up turns, _thread handler threads."""
 
     server_options = {"request_timeout_s": 30}
 
-    def test_silent_and_slow_clients_hold_no_startup_slot(self):
+    def test_silent_and_slow_clients_hold_no_startup_turn(self):
         clients = [socket.create_connection(("127.0.0.1", self.port)) for _ in range(20)]
         for client in clients:
             self.addCleanup(client.close)
         clients[0].sendall(b"GET /events?topic=t HTTP/1.1\r\n")    # and no more
         wait_until(lambda: self.server.stats()["connections"] == 20, message="accepted")
-        # Each handler gave its slot back when it had to wait for bytes, long
+        # Each handler gave its turn back when it had to wait for bytes, long
         # before the 30 s request timeout would have ended it.
-        wait_until(lambda: startup_slot_free(self.server), timeout=5, message="a free slot")
+        wait_until(lambda: startup_turn_free(self.server), timeout=5, message="a free turn")
         self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
         client = self.subscribe()
         self.server.broker.publish("t", "still served")
         self.assertEqual(client.next_event().data, "still served")
 
-    def test_pipelined_requests_hold_the_slot_for_the_first_one_only(self):
+    def test_pipelined_requests_hold_the_turn_for_the_first_one_only(self):
         entered, gate = threading.Event(), threading.Event()
         self.addCleanup(gate.set)
 
@@ -1406,19 +1613,19 @@ class StartupTests(ServerTestCase):
             sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
                          b"GET /wait HTTP/1.1\r\nHost: x\r\n\r\n")
             self.assertTrue(entered.wait(WAIT_S))
-            self.assertTrue(startup_slot_free(server))
+            self.assertTrue(startup_turn_free(server))
             gate.set()
             answers = b""
             while answers.count(b"HTTP/1.1 200") < 2:
                 answers += sock.recv(4096)
 
-    def test_a_slot_is_given_back_once(self):
-        slots = threading.BoundedSemaphore(1)
-        first = sse_server.StartupSlot(slots, wait_s=WAIT_S)
-        second = sse_server.StartupSlot(slots, wait_s=0.01)    # none left: goes ahead
-        for slot in (second, second, first, first):
-            slot.release()      # a BoundedSemaphore raises if released too often
-        self.assertTrue(slots.acquire(blocking=False))
+    def test_a_turn_is_given_back_once(self):
+        turns = threading.BoundedSemaphore(1)
+        first = sse_server.StartupTurn(turns, wait_s=WAIT_S)
+        second = sse_server.StartupTurn(turns, wait_s=0.01)    # none left: goes ahead
+        for turn in (second, second, first, first):
+            turn.release()      # a BoundedSemaphore raises if released too often
+        self.assertTrue(turns.acquire(blocking=False))
 
     @unittest.skipUnless(hasattr(threading, "gettrace"), "threading.gettrace is 3.10+")
     def test_handler_threads_get_threading_trace_hooks(self):
@@ -2073,11 +2280,11 @@ class TLSTests(ServerTestCase):
         self.assertEqual(client.sock.version()[:6], "TLSv1.")
         self.assertIn(client.sock.version(), ("TLSv1.2", "TLSv1.3"))
 
-    def test_a_client_silent_before_the_handshake_holds_no_startup_slot(self):
+    def test_a_client_silent_before_the_handshake_holds_no_startup_turn(self):
         server = self.start_server(certfile=self.cert, keyfile=self.key, request_timeout_s=30)
         with socket.create_connection(server.server_address):     # and silent
             wait_until(lambda: server.stats()["connections"] == 1, message="accepted")
-            wait_until(lambda: startup_slot_free(server), timeout=5, message="a free slot")
+            wait_until(lambda: startup_turn_free(server), timeout=5, message="a free turn")
 
     def test_plain_http_to_the_tls_port_does_not_hang(self):
         threads = live_threads()
