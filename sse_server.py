@@ -171,6 +171,35 @@ _WRITE_BLOCKED = (BlockingIOError, *_TLS_WANTS_WRITE)
 # the process, and Windows has no SIGPIPE at all.
 SEND_FLAGS = getattr(socket, "MSG_NOSIGNAL", 0)
 
+def _socket_fds_readable() -> bool:
+    """Can a socket's descriptor be read with os.readv? Yes on POSIX; on
+    Windows there is no os.readv and a socket is no C file descriptor."""
+    if not hasattr(os, "readv"):
+        return False
+    try:
+        ours, peer = socket.socketpair()
+    except OSError:
+        return False
+    with ours, peer:
+        try:
+            peer.send(b"x")
+            return os.readv(ours.fileno(), [bytearray(1)]) == 1
+        except OSError:
+            return False
+
+
+if _socket_fds_readable():
+    def recv_plain(sock: socket.socket, buffer) -> int:
+        """One read of a plain socket. os.readv parses its arguments with
+        Argument Clinic, socket.recv_into with the older parser, whose buffers
+        cost every connection's thread one more 4 KiB page of C stack for as
+        long as it lives (measured: 14.9 against 18.9 KiB per subscriber)."""
+        return os.readv(sock.fileno(), [buffer])
+else:
+    def recv_plain(sock: socket.socket, buffer) -> int:
+        """One read of a plain socket."""
+        return sock.recv_into(buffer)
+
 if hasattr(select, "poll"):
     def wait_ready(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
         """Wait until `sock` can be written (or read); False if `timeout_s` passed.
@@ -813,7 +842,7 @@ class SocketIO:
     def recv_into(self, buffer, deadline: float) -> int:
         while True:
             try:
-                return self.sock.recv_into(buffer)
+                return self.sock.recv_into(buffer) if self.tls else recv_plain(self.sock, buffer)
             except _READ_BLOCKED:
                 self.wait(False, deadline)
             except _TLS_WANTS_WRITE:
@@ -2607,10 +2636,10 @@ def _positive_settings(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-FUTEX_HASH_SLOTS = 4096    # kernel futex hash buckets asked for (Linux >= 6.16)
+FUTEX_HASH_BUCKETS = 4096  # kernel futex hash buckets asked for (Linux >= 6.16)
 
 
-def _enlarge_futex_hash(slots: int = FUTEX_HASH_SLOTS) -> bool:
+def _enlarge_futex_hash(buckets: int = FUTEX_HASH_BUCKETS) -> bool:
     """Every parked thread waits on a futex, hashed into a per-process table
     that Linux sizes by CPU count (a few dozen buckets). With thousands of
     subscriber threads every wake-up then walks hundreds of waiters; measured
@@ -2624,8 +2653,8 @@ def _enlarge_futex_hash(slots: int = FUTEX_HASH_SLOTS) -> bool:
         prctl = libc.prctl                          # AttributeError without prctl
     except (ImportError, OSError, AttributeError, TypeError):
         return False
-    pr_futex_hash, set_slots = 78, 1
-    return prctl(pr_futex_hash, set_slots, ctypes.c_ulong(slots),
+    pr_futex_hash, set_slots = 78, 1    # the kernel's names (PR_FUTEX_HASH_SET_SLOTS)
+    return prctl(pr_futex_hash, set_slots, ctypes.c_ulong(buckets),
                  ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
 
 

@@ -17,9 +17,12 @@ import logging
 import os
 import random
 import re
+import select
+import selectors
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -29,7 +32,50 @@ import unittest
 import urllib.parse
 from http import HTTPStatus
 
-import sse_server
+# Portable mode: SSE_PORTABLE=1 runs the whole suite on a Python that looks,
+# to sse_server, like one without the Linux facilities (see PortableModeTests).
+PORTABLE = os.environ.get("SSE_PORTABLE") == "1"
+
+
+def install_portable_shim() -> None:
+    """Hide what Windows lacks, before sse_server is imported: os.readv and
+    os.writev; os.read and os.write on a socket descriptor (EBADF, as a
+    socket there is no C file descriptor); epoll, poll, devpoll and kqueue
+    (so selectors.DefaultSelector is select()); MSG_DONTWAIT and MSG_NOSIGNAL;
+    the resource and ctypes modules. sys.platform is left alone: the server
+    must detect capabilities, not platforms."""
+    import errno
+    import selectors
+    import select
+    import stat
+    for name in ("readv", "writev"):
+        if hasattr(os, name):
+            delattr(os, name)
+
+    def refuse_sockets(real):
+        def call(fd, *args):
+            if stat.S_ISSOCK(os.fstat(fd).st_mode):
+                raise OSError(errno.EBADF, "Bad file descriptor (portable mode: a socket "
+                                           "is not a C file descriptor)")
+            return real(fd, *args)
+        return call
+    os.read, os.write = refuse_sockets(os.read), refuse_sockets(os.write)
+    for module, names in ((select, ("epoll", "poll", "devpoll", "kqueue")),
+                          (selectors, ("EpollSelector", "PollSelector", "DevpollSelector",
+                                       "KqueueSelector")),
+                          (socket, ("MSG_DONTWAIT", "MSG_NOSIGNAL"))):
+        for name in names:
+            if hasattr(module, name):
+                delattr(module, name)
+    selectors.DefaultSelector = selectors.SelectSelector
+    for name in ("resource", "ctypes"):
+        sys.modules[name] = None    # import now raises ImportError
+
+
+if PORTABLE:
+    install_portable_shim()
+
+import sse_server  # noqa: E402 (after the shim, on purpose)
 from sse_server import (Broker, HTTPError, SSERequestHandler, SSEServer, encode_chunk,
                         format_comment, format_event, format_retry, parse_event_id,
                         parse_publish, parse_query, resolve_static_path, split_lines,
@@ -2528,6 +2574,137 @@ class RedisTests(unittest.TestCase):
         stats = json.loads(http_request(self.a.server_address[1], "GET", "/stats")[2])
         self.assertTrue(stats["redis"]["connected"])
         self.assertGreaterEqual(stats["redis"]["reconnects"], 1)
+
+
+# --- Platforms: hang-ups, SIGPIPE, and the suite again in portable mode -----------------
+
+class HangupTests(ServerTestCase):
+    """A client that leaves is noticed within about a second, on every
+    selector, long before a heartbeat would find out."""
+
+    server_options = {"heartbeat_s": 60}
+
+    def test_a_client_that_closes_or_resets_is_noticed_at_once(self):
+        for how in ("close", "reset"):
+            with self.subTest(how=how):
+                client = StreamClient(self.port, "topic=t")
+                self.subscribed(1)
+                if how == "reset":
+                    client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                           struct.pack("ii", 1, 0))
+                client.close()
+                wait_until(lambda: self.server.broker.subscriber_count == 0, timeout=3,
+                           message=f"a {how} to be noticed")
+
+    def test_streams_beyond_the_selectors_capacity_fall_back_to_heartbeats(self):
+        # The select() path with a capacity of two (Windows' is 500).
+        def small_select():
+            return selectors.SelectSelector(), 2
+        original = sse_server.hangup_selector
+        sse_server.hangup_selector = small_select
+        self.addCleanup(setattr, sse_server, "hangup_selector", original)
+        server = self.start_server(heartbeat_s=0.3)
+        port = server.server_address[1]
+        clients = [StreamClient(port, "topic=t") for _ in range(4)]
+        wait_until(lambda: server.broker.subscriber_count == 4, message="4 subscribers")
+        self.assertEqual(server.broker.publish("t", "all four").subscribers, 4)
+        for client in clients:
+            self.assertEqual(client.next_event().data, "all four")
+        full = [r for r in SERVER_LOG.records if "watches at most 2 streams" in r.getMessage()]
+        self.assertEqual(len(full), 1, "logged once, not per stream")
+        for client in clients:
+            client.close()
+        wait_until(lambda: server.broker.subscriber_count == 0, timeout=5,
+                   message="every stream to end, watched or not")
+
+
+SIGPIPE_SCRIPT = r"""
+import signal, socket, struct, sys, threading, time
+sys.path.insert(0, sys.argv[1])
+import sse_server
+if sys.argv[2] == "without-flags":
+    sse_server.SEND_FLAGS = 0       # the control: what a write without MSG_NOSIGNAL does
+signal.signal(signal.SIGPIPE, signal.SIG_DFL)   # as an embedding program may
+server = sse_server.SSEServer(("127.0.0.1", 0), heartbeat_s=60)
+server._hangups.watch = lambda sock: False      # the writes, not the watcher, meet the reset
+threading.Thread(target=server.serve_forever, daemon=True).start()
+client = socket.create_connection(server.server_address, timeout=10)
+client.sendall(b"GET /events?topic=t HTTP/1.1\r\nHost: x\r\n\r\n")
+received = b""
+while b"retry" not in received:
+    received += client.recv(4096)
+client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+client.close()                                  # a reset
+deadline = time.monotonic() + 10
+while server.broker.subscriber_count and time.monotonic() < deadline:
+    server.broker.publish("t", "x" * 1000)
+print("alive, subscribers:", server.broker.subscriber_count, flush=True)
+"""
+
+
+class SigpipeTests(unittest.TestCase):
+    @unittest.skipIf(PORTABLE, "portable mode hides MSG_NOSIGNAL (as Windows and macOS lack "
+                               "it): there only Python's default SIG_IGN protects")
+    @unittest.skipUnless(hasattr(signal, "SIGPIPE"), "no SIGPIPE on this platform")
+    def test_writing_to_a_reset_client_never_kills_the_process(self):
+        def run(mode):
+            return subprocess.run([sys.executable, "-c", SIGPIPE_SCRIPT, HERE, mode],
+                                  capture_output=True, text=True, timeout=60)
+        result = run("with-flags")
+        self.assertEqual(result.returncode, 0, result.stderr[-3000:])
+        self.assertIn("alive, subscribers: 0", result.stdout)
+        control = run("without-flags")      # proves the scenario does raise SIGPIPE
+        self.assertEqual(control.returncode, -signal.SIGPIPE, control.stdout + control.stderr)
+
+
+class PlatformTests(unittest.TestCase):
+    """What sse_server detected here, by capability."""
+
+    @unittest.skipIf(PORTABLE, "portable mode hides these")
+    @unittest.skipUnless(hasattr(select, "epoll"), "the Linux accelerations need Linux")
+    def test_linux_gets_its_accelerations(self):
+        self.assertIn("os.readv", sse_server.recv_plain.__doc__)
+        self.assertEqual(sse_server.SEND_FLAGS, socket.MSG_NOSIGNAL)
+        selector, capacity = sse_server.hangup_selector()
+        self.addCleanup(selector.close)
+        self.assertIsInstance(selector, selectors.EpollSelector)
+        self.assertIsNone(capacity)
+
+    @unittest.skipUnless(PORTABLE, "only in portable mode")
+    def test_portable_mode_takes_every_fallback(self):
+        self.assertNotIn("os.readv", sse_server.recv_plain.__doc__)
+        self.assertEqual(sse_server.SEND_FLAGS, 0)
+        selector, capacity = sse_server.hangup_selector()
+        self.addCleanup(selector.close)
+        self.assertIsInstance(selector, selectors.SelectSelector)
+        self.assertEqual(capacity, sse_server.SELECT_MAX_SOCKETS)
+        self.assertFalse(sse_server._enlarge_futex_hash())     # no ctypes: silently nothing
+        sse_server._raise_open_files_limit(10**6)               # no resource: silently nothing
+
+    def test_waits_report_readiness_and_time_out(self):
+        ours, peer = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(peer.close)
+        self.assertTrue(sse_server.wait_ready(ours, True, 0))
+        self.assertFalse(sse_server.wait_ready(ours, False, 0.01))
+        peer.send(b"x")
+        self.assertTrue(sse_server.wait_ready(ours, False, WAIT_S))
+
+
+class PortableModeTests(unittest.TestCase):
+    @unittest.skipIf(PORTABLE, "this is the portable run")
+    def test_the_whole_suite_passes_in_portable_mode(self):
+        """The README's test command runs every test a second time, in a
+        subprocess with install_portable_shim() applied before sse_server is
+        imported (SSE_PORTABLE=1): every fallback path is exercised on Linux."""
+        result = subprocess.run([sys.executable, "-m", "unittest", "test_sse_server"],
+                                cwd=HERE, env=dict(os.environ, SSE_PORTABLE="1"),
+                                capture_output=True, text=True, timeout=900)
+        lines = result.stderr.strip().splitlines()
+        summary = " ".join(lines[-3:])
+        sys.stderr.write(f"\n    portable mode: {summary}\n")
+        self.assertEqual(result.returncode, 0, result.stderr[-8000:])
+        self.assertRegex(summary, r"Ran \d+ tests .* OK")
 
 
 class CommandLineTests(unittest.TestCase):
