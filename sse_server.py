@@ -200,19 +200,21 @@ else:
         """One read of a plain socket."""
         return sock.recv_into(buffer)
 
-if hasattr(select, "poll"):
-    def wait_ready(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
-        """Wait until `sock` can be written (or read); False if `timeout_s` passed.
-        A peer that hung up counts as ready: the next call reports it."""
-        poller = select.poll()
-        poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
-        return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
-else:   # Windows: select() limits how many sockets one call takes, here one
-    def wait_ready(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
-        """Wait until `sock` can be written (or read); False if `timeout_s` passed.
-        A peer that hung up counts as ready: the next call reports it."""
-        waiting = ([], [sock], [sock]) if for_write else ([sock], [], [sock])
-        return any(select.select(*waiting, max(0.0, timeout_s)))
+def wait_with_poll(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
+    """Wait until `sock` can be written (or read); False if `timeout_s` passed.
+    A peer that hung up counts as ready: the next call reports it."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT if for_write else select.POLLIN)
+    return bool(poller.poll(max(0, math.ceil(timeout_s * 1000))))
+
+
+def wait_with_select(sock: socket.socket, for_write: bool, timeout_s: float) -> bool:
+    """The same with select(), which every platform has (Windows has no poll)."""
+    waiting = ([], [sock], [sock]) if for_write else ([sock], [], [sock])
+    return any(select.select(*waiting, max(0.0, timeout_s)))
+
+
+wait_ready = wait_with_poll if hasattr(select, "poll") else wait_with_select
 
 
 def hangup_selector() -> tuple[selectors.BaseSelector, Optional[int]]:

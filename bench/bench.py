@@ -5,6 +5,7 @@
     python3 bench/bench.py --scenarios S1,S2    # a subset
     python3 bench/bench.py --compare            # + sse-starlette, aiohttp-sse, nginx+nchan
     python3 bench/bench.py --redis              # + two instances behind one Redis
+    python3 bench/bench.py --portable           # + ours in portable mode (no Linux fast paths)
 
 The load generator (bench/loadgen.c) is compiled with the machine's gcc at
 run time; it holds the subscriber connections on one epoll loop and reports
@@ -124,11 +125,30 @@ class OurServer(Target):
     def __init__(self, extra=()):
         self.extra = list(extra)
 
+    def command(self, port: int) -> list[str]:
+        return [sys.executable, os.path.join(ROOT, "sse_server.py"), "--port", str(port),
+                "--log-level", "warning", "--max-clients", "19000", *self.extra]
+
     def start(self, port):
-        return subprocess.Popen(
-            [sys.executable, os.path.join(ROOT, "sse_server.py"), "--port", str(port),
-             "--log-level", "warning", "--max-clients", "19000", *self.extra],
-            stdout=subprocess.DEVNULL)
+        return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL)
+
+
+# Imports the test module with SSE_PORTABLE=1, which applies the portable
+# shim (no os.readv, no epoll or poll, no MSG_NOSIGNAL, ...) before sse_server.
+PORTABLE_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import test_sse_server; "
+                 "sys.exit(test_sse_server.sse_server.main(sys.argv[1:]))")
+
+
+class PortableServer(OurServer):
+    """Ours as it runs where Linux's facilities are missing (see the tests'
+    install_portable_shim): what the fallbacks cost."""
+
+    name = "sse_server.py portable"
+
+    def start(self, port):
+        return subprocess.Popen([sys.executable, "-c", PORTABLE_MAIN, ROOT,
+                                 *self.command(port)[2:]],
+                                stdout=subprocess.DEVNULL, env=dict(os.environ, SSE_PORTABLE="1"))
 
 
 def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dict:
@@ -234,12 +254,16 @@ def main(argv=None) -> int:
                         help="also run sse-starlette, aiohttp-sse and nginx+nchan")
     parser.add_argument("--redis", action="store_true",
                         help="also run two instances of ours behind one Redis")
+    parser.add_argument("--portable", action="store_true",
+                        help="also run ours in portable mode (the fallbacks other platforms use)")
     args = parser.parse_args(argv)
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # inherited by the servers
 
     targets: list[Target] = [OurServer()]
+    if args.portable:
+        targets.append(PortableServer())
     if args.compare:
         from peers import peer_targets      # bench/peers.py: installs and starts the peers
         targets += peer_targets()
