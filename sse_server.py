@@ -576,13 +576,13 @@ def resolve_static_path(root: str, url_path: str) -> Optional[str]:
     """The file under `root` that `url_path` names, or None.
 
     Refuses anything that could leave the folder: '..' and '.' segments (also
-    percent-encoded), backslashes, NUL, hidden files, and symlinks that point
-    outside. A folder gives its index.html."""
+    percent-encoded), backslashes, NUL, a colon (a Windows drive or stream),
+    hidden files, and symlinks that point outside. A folder gives its index.html."""
     try:
         path = urllib.parse.unquote(url_path, errors="strict")
     except UnicodeDecodeError:
         return None
-    if "\0" in path or "\\" in path:
+    if "\0" in path or "\\" in path or ":" in path:    # ':' names a drive on Windows
         return None
     parts = [part for part in path.split("/") if part]
     if any(part.startswith(".") for part in parts):
@@ -591,9 +591,11 @@ def resolve_static_path(root: str, url_path: str) -> Optional[str]:
     candidate = os.path.realpath(os.path.join(root, *parts))
     if os.path.isdir(candidate):
         candidate = os.path.join(candidate, "index.html")
-    if os.path.commonpath([root, candidate]) != root or not os.path.isfile(candidate):
+    try:
+        inside = os.path.commonpath([root, candidate]) == root
+    except ValueError:      # on another drive (Windows)
         return None
-    return candidate
+    return candidate if inside and os.path.isfile(candidate) else None
 
 
 # --- Access control: publish token, JWT (HS256), topic selectors, rate limits ---

@@ -585,7 +585,8 @@ class StaticPathTests(unittest.TestCase):
     def test_escapes_are_refused(self):
         for path in ("/../outside.txt", "/%2e%2e/outside.txt", "/%2E%2E%2Foutside.txt",
                      "/sub/../../outside.txt", "//etc/passwd", "/link.txt", "/.secret",
-                     "/..%5coutside.txt", "/app.js%00.html", "/nope.html", "/%ff"):
+                     "/..%5coutside.txt", "/app.js%00.html", "/nope.html", "/%ff",
+                     "/C:/Windows/win.ini", "/c%3a/x", "/app.js::$DATA"):
             with self.subTest(path=path):
                 self.assertIsNone(resolve_static_path(self.root, path))
 
