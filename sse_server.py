@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import collections
 import gc
 import hashlib
@@ -99,6 +100,7 @@ __all__ = [
 __version__ = "1.0"
 
 logger = logging.getLogger("sse_server")
+access_logger = logging.getLogger("sse_server.access")     # one line per request
 
 # --- Defaults and limits (each one is a command-line option or documented) ---
 DEFAULT_PORT = 8000
@@ -375,23 +377,18 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 class Payload:
     """Events ready for the wire, one object shared by every subscriber that
-    gets them: the raw frames (for HTTP/1.0 streams) and, made on first use
-    and then kept, the same bytes as one HTTP/1.1 chunk. Whoever writes to a
-    stream picks its framing (see StreamSink); the broker never does."""
+    gets them: the raw frames (for HTTP/1.0 streams) and the same bytes as one
+    HTTP/1.1 chunk, each made once. Whoever writes to a stream picks its
+    framing (see StreamSink); the broker never does."""
 
-    __slots__ = ("raw", "_chunk")
+    __slots__ = ("raw", "chunk", "events")
 
-    def __init__(self, raw: bytes):
+    def __init__(self, raw: bytes, events: int = 1):
         self.raw = raw
-        self._chunk: Optional[bytes] = None
+        self.chunk = encode_chunk(raw)
+        self.events = events    # how many events the frames hold
 
-    def framed(self, chunked: bool) -> bytes:
-        if not chunked:
-            return self.raw
-        chunk = self._chunk
-        if chunk is None:   # two threads may both make it: the same bytes either way
-            chunk = self._chunk = encode_chunk(self.raw)
-        return chunk
+
 CONNECTED_COMMENT = format_comment("connected")
 HEARTBEAT_COMMENT = format_comment("heartbeat")
 
@@ -601,12 +598,90 @@ def resolve_static_path(root: str, url_path: str) -> Optional[str]:
 # --- Access control: publish token, JWT (HS256), topic selectors, rate limits ---
 
 def is_loopback(host: str) -> bool:
+    address = _address(host)
+    return address is not None and address.is_loopback
+
+
+def _address(text: str):
+    """An IP address from text (IPv4-mapped IPv6 as IPv4), or None."""
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
+        address = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:
-        return False
-    mapped = getattr(address, "ipv4_mapped", None)
-    return (mapped or address).is_loopback
+        return None
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def parse_trusted_proxies(specs: Iterable[str]) -> list:
+    """--trusted-proxy values (addresses or CIDR blocks) as networks."""
+    networks = []
+    for spec in specs:
+        try:
+            networks.append(ipaddress.ip_network(spec.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"not an IP address or CIDR block: {spec!r}") from None
+    return networks
+
+
+def _is_trusted(host: str, networks: list) -> bool:
+    address = _address(host)
+    return address is not None and any(address in network for network in networks)
+
+
+_PORT = re.compile(r":[0-9]{1,5}")
+
+
+def _forwarded_address(text: str) -> str:
+    """One hop of a forwarding header: 192.0.2.1, 192.0.2.1:80, [2001:db8::1]
+    or [2001:db8::1]:443 (quoted or not), or a bare IPv6 address."""
+    value = text.strip()
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    host = value
+    if value.startswith("["):
+        host, bracket, port = value[1:].partition("]")
+        if not bracket or (port and not _PORT.fullmatch(port)):
+            host = ""
+    elif value.count(":") == 1:
+        host, port = value.split(":")
+        if not _PORT.fullmatch(":" + port):
+            host = ""
+    address = _address(host)
+    if address is None:
+        raise BadRequest(f"malformed forwarding header: {text.strip()[:64]!r} is not an address")
+    return str(address)
+
+
+def forwarded_chain(headers: "Headers") -> list[str]:
+    """The client addresses a proxy chain reports, nearest last: from
+    X-Forwarded-For (what nginx, Caddy and cloud load balancers append to)
+    or, without it, from the `for=` parameters of Forwarded (RFC 7239)."""
+    lines = headers.get_all("X-Forwarded-For")
+    if lines:
+        return [_forwarded_address(hop) for line in lines for hop in line.split(",")]
+    chain = []
+    for line in headers.get_all("Forwarded"):
+        for element in line.split(","):
+            for pair in element.split(";"):
+                name, equals, value = pair.strip().partition("=")
+                if not equals:
+                    raise BadRequest("malformed Forwarded header")
+                if name.lower() == "for":
+                    chain.append(_forwarded_address(value))
+    return chain
+
+
+def client_host(peer: str, headers: "Headers", trusted_proxies: list) -> str:
+    """The address a request comes from. From a trusted proxy, it is the
+    rightmost address of its forwarding chain that is not itself a trusted
+    proxy (the hops left of it could be anyone's invention); from any other
+    peer, forwarding headers are ignored. A malformed chain is a 400."""
+    if not trusted_proxies or not _is_trusted(peer, trusted_proxies):
+        return peer
+    chain = forwarded_chain(headers)
+    for hop in reversed(chain):
+        if not _is_trusted(hop, trusted_proxies):
+            return hop
+    return chain[0] if chain else peer
 
 
 def _b64url_decode(part: str) -> bytes:
@@ -698,8 +773,9 @@ class AccessPolicy:
 
     def __init__(self, *, publish_token: Optional[str] = None, jwt_secret: Optional[str] = None,
                  private_topics: Iterable[str] = (), require_auth: bool = False,
-                 clock: Callable[[], float] = time.time):
+                 metrics_token: Optional[str] = None, clock: Callable[[], float] = time.time):
         self.publish_token = publish_token
+        self.metrics_token = metrics_token
         self.jwt_secret = jwt_secret.encode("utf-8") if jwt_secret else None
         self.private_topics = [validate_selector(pattern) for pattern in private_topics]
         self.require_auth = require_auth
@@ -745,6 +821,19 @@ class AccessPolicy:
             raise Forbidden("publishing is allowed from loopback only; start the server "
                             "with --publish-token to publish from elsewhere")
         return None
+
+    def check_metrics(self, client_host: str, bearer: Optional[str]) -> None:
+        """GET /metrics: from loopback, or with `Authorization: Bearer
+        <metrics token>` from anywhere (the counters say how busy the server
+        is and how it is used, which is nobody else's business)."""
+        if self.metrics_token and bearer is not None and hmac.compare_digest(
+                bearer.encode("utf-8"), self.metrics_token.encode("utf-8")):
+            return
+        if self.metrics_token and not is_loopback(client_host):
+            raise Unauthorized("metrics need Authorization: Bearer <metrics token>")
+        if not is_loopback(client_host):
+            raise Forbidden("metrics are served to loopback only; start the server with "
+                            "--metrics-token to scrape from elsewhere")
 
     @staticmethod
     def check_publish_topics(allowed: Optional[list[str]], topics: Iterable[str]) -> None:
@@ -822,7 +911,7 @@ class SocketIO:
     handler's wfile, for BaseHTTPRequestHandler's own writers (unbuffered:
     our responses are built whole)."""
 
-    __slots__ = ("sock", "turn", "write_timeout_s", "tls")
+    __slots__ = ("sock", "turn", "write_timeout_s", "tls", "sent")
 
     def __init__(self, sock: socket.socket, turn: StartupTurn, write_timeout_s: float, *,
                  tls: bool = False):
@@ -831,6 +920,7 @@ class SocketIO:
         self.turn = turn
         self.write_timeout_s = write_timeout_s
         self.tls = tls      # TLS: no direct writes from other threads, no send() flags
+        self.sent = 0       # bytes it wrote (a stream's direct writes: StreamSink), for the log
 
     def before_wait(self) -> None:
         """The connection is about to wait (for its client, its next request
@@ -852,16 +942,9 @@ class SocketIO:
             except _TLS_WANTS_WRITE:
                 self.wait(True, deadline)
 
-    def try_send(self, data: bytes) -> int:
-        """One send that never waits (plain sockets only): how much went out.
-        0 if none fit or the peer is gone; the stream's thread finds out which."""
-        try:
-            return self.sock.send(data, SEND_FLAGS)
-        except OSError:
-            return 0
-
     def send_all(self, data: bytes) -> None:
         flags = 0 if self.tls else SEND_FLAGS
+        self.sent += len(data)      # (counted up front: a failure ends the connection)
         view = None
         while data:
             try:
@@ -897,16 +980,16 @@ class SocketIO:
 
 
 class StreamEnd(NamedTuple):
-    """Put last into a stream's queue: why it ends (logged), and whether it
-    says goodbye (last words, then the terminating chunk) before closing."""
+    """Put last into a stream's queue: why it ends (the access log's and the
+    metrics' word for it), and the comment it says goodbye with, if any."""
     reason: str
-    goodbye: bool
+    last_words: Optional[str]
 
 
-SHUTDOWN = StreamEnd("shutdown", True)              # the server is stopping
-TOKEN_EXPIRED = StreamEnd("token expired", True)    # the JWT that allowed it expired
-DROPPED = StreamEnd("dropped as slow", False)       # its queue was full: cut at once
-CLIENT_GONE = StreamEnd("client gone", False)       # the client hung up
+SHUTDOWN = StreamEnd("shutdown", None)          # the server is stopping (says `retry:`)
+TOKEN_EXPIRED = StreamEnd("token_expired", "token expired")   # the JWT that allowed it
+DROPPED = StreamEnd("slow", None)               # its queue was full: cut at once
+CLIENT_GONE = StreamEnd("client_gone", None)    # the client hung up
 
 
 class StreamSink:
@@ -938,7 +1021,9 @@ class StreamSink:
     THREAD or IDLE -> ENDED (end, or a drop), any -> CLOSED (close). The
     queue holds wire-ready bytes, then maybe one StreamEnd."""
 
-    __slots__ = ("queue", "lock", "state", "io", "chunked")
+    # (Every slot costs each of 10,000 subscribers, and the fan-out touches
+    # this object once per delivery: keep it small, its socket at hand.)
+    __slots__ = ("queue", "lock", "state", "io", "sock", "chunked", "events", "direct_bytes")
 
     THREAD, IDLE, ENDED, CLOSED = "thread", "idle", "ended", "closed"
 
@@ -947,18 +1032,26 @@ class StreamSink:
         self.lock = threading.Lock()
         self.state = self.THREAD    # its thread owns the socket until it first parks
         self.io = io                # None: an in-process subscriber, read from the queue
+        self.sock = io.sock if io is not None else None     # for direct writes
         self.chunked = chunked      # HTTP/1.1 chunked framing (else HTTP/1.0: raw)
+        self.events = 0             # events handed to it (written or queued)
+        self.direct_bytes = 0       # bytes publishers wrote to it directly
 
     # Called by anyone: publishers, the hang-up watcher, shutdown
 
     def deliver(self, payload: Payload, queue_size: int) -> Optional[bool]:
         """Hand over events: True when written or queued, False when the queue
         was full (the stream is now dropped), None when it had already ended."""
-        data = payload.framed(self.chunked)
+        data = payload.chunk if self.chunked else payload.raw
         with self.lock:
             state = self.state
             if state is self.IDLE:
-                sent = self.io.try_send(data)
+                self.events += payload.events
+                try:    # one send that never waits (IDLE: a plain, non-blocking socket)
+                    sent = self.sock.send(data, SEND_FLAGS)
+                except OSError:     # no room, or the peer is gone: the thread finds out which
+                    sent = 0
+                self.direct_bytes += sent
                 if sent == len(data):
                     return True
                 data = data[sent:]
@@ -969,6 +1062,8 @@ class StreamSink:
                 self._end_locked(DROPPED)
                 self._cut_locked()
                 return False
+            else:
+                self.events += payload.events
             self.queue.put(data)
             return True
 
@@ -992,9 +1087,9 @@ class StreamSink:
         self.queue.put(why)
 
     def _cut_locked(self) -> None:
-        if self.state is not self.CLOSED and self.io is not None:
+        if self.state is not self.CLOSED and self.sock is not None:
             try:
-                self.io.sock.shutdown(socket.SHUT_RDWR)
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:     # the peer already reset it
                 pass
 
@@ -1025,6 +1120,8 @@ class StreamSink:
 
     def write_replay(self, frames: list[bytes]) -> None:
         """Replayed events, joined into as few chunks as possible."""
+        with self.lock:     # publishers count their deliveries meanwhile
+            self.events += len(frames)
         batch, size = [], 0
         for frame in frames:
             batch.append(frame)
@@ -1072,13 +1169,20 @@ class StreamSink:
         """The last words of an ending that has them, and the body's end."""
         if end is SHUTDOWN:     # reconnect, spread out, to whichever instance is up
             self.write(format_retry(random.randint(*SHUTDOWN_RETRY_MS)), last=True)
-        elif end.goodbye:
-            self.write(format_comment(end.reason), last=True)
+        elif end.last_words:
+            self.write(format_comment(end.last_words), last=True)
 
-    def close(self) -> None:
-        """The thread lets go of the socket (call before it is closed)."""
+    def close(self) -> Optional[StreamEnd]:
+        """The thread lets go of the socket (call before it is closed).
+        Returns why the stream was ended, if it was, and drops what waited."""
         with self.lock:
             self.state = self.CLOSED
+        why = None
+        while not self.queue.empty():
+            item = self.queue.get_nowait()
+            if isinstance(item, StreamEnd):
+                why = item
+        return why
 
 
 # --- Broker: the topic registry ---------------------------------------------------
@@ -1119,6 +1223,36 @@ class _Event:
         self.topics = topics
         self.created = created
         self.reached = 0
+
+
+DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                      1.0, 2.5, 5.0)
+
+
+class Histogram:
+    """Counts of observations at or below each bound (seconds), with their
+    sum, as Prometheus keeps them. Not locked: its owner's lock guards it."""
+
+    __slots__ = ("bounds", "counts", "sum", "count")
+
+    def __init__(self, bounds: Sequence[float]):
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)     # the last: above every bound
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> list[tuple[str, int]]:
+        """[(le, observations <= le)], ending with ("+Inf", count)."""
+        running, buckets = 0, []
+        for bound, count in zip([*map(repr, self.bounds), "+Inf"], self.counts):
+            running += count
+            buckets.append((bound, running))
+        return buckets
 
 
 class _HelperThread:
@@ -1187,6 +1321,7 @@ class Broker:
         self.run_id = secrets.token_hex(4)
         self._clock = clock
         self._started = clock()
+        self.start_time_s = time.time()
         # Locking rule: _lock guards every attribute below. publish() assigns
         # the id, records history and queues the event for fan-out while
         # holding it, and subscribe() takes its history snapshot and registers
@@ -1207,7 +1342,10 @@ class Broker:
         self._helper = _HelperThread("fan-out")    # used by the leader only
         self.events_published = 0
         self.events_delivered = 0
-        self.clients_dropped = 0
+        self.clients_dropped: collections.Counter[str] = collections.Counter()   # by reason
+        # From publish until the fan-out has written the event to every idle
+        # subscriber's socket and queued it for the busy ones.
+        self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)
         self.subscriptions_total = 0
 
     # Publishing
@@ -1249,6 +1387,7 @@ class Broker:
             try:
                 dropped = self._write_shares(shares)
             finally:
+                written = self._clock()
                 self._lock.acquire()
                 self._flushing = False
                 self._flushed_seq = batch[-1].seq
@@ -1257,8 +1396,10 @@ class Broker:
                 self._remove_locked(subscriber)
             for item in batch:
                 self.events_delivered += item.reached
+                self.delivery_seconds.observe(written - item.created)
             self.events_published += len(batch)
-            self.clients_dropped += len(dropped)
+            if dropped:
+                self.clients_dropped["slow"] += len(dropped)
 
     def _hand_out_locked(self, frame: bytes, topics: tuple[str, ...], wait: bool = True) -> None:
         """Queue a ready frame for fan-out under the next local seq (Redis mode)."""
@@ -1297,9 +1438,8 @@ class Broker:
         kernel. Each subscriber is written by one thread, so its order holds."""
         dropped = []
         for subscribers, events in shares:
-            payload = Payload(b"".join([item.frame for item in events]))
+            payload = Payload(b"".join([item.frame for item in events]), len(events))
             if len(subscribers) >= FAN_OUT_SPLIT_SUBSCRIBERS:
-                payload.framed(True)    # made once, before two threads need it
                 half = len(subscribers) // 2
                 self._helper.start(self._write_share, subscribers[half:], events, payload)
                 reached, mine_dropped = self._write_share(subscribers[:half], events, payload)
@@ -1326,7 +1466,8 @@ class Broker:
                 if not mine:
                     continue
                 outcome = subscriber.deliver(
-                    Payload(b"".join([events[i].frame for i in mine])), self.queue_size)
+                    Payload(b"".join([events[i].frame for i in mine]), len(mine)),
+                    self.queue_size)
             else:
                 mine = None
                 outcome = subscriber.deliver(payload, self.queue_size)
@@ -1419,10 +1560,11 @@ class Broker:
             frames.insert(0, format_reset_event(reason, last_event_id))
         return frames
 
-    def count_dropped(self) -> None:
-        """Count a subscriber dropped by its connection (write timeout)."""
+    def count_dropped(self, reason: str) -> None:
+        """Count a subscriber its connection dropped ("write_timeout",
+        "token_expired"); the fan-out counts the slow ones itself."""
         with self._lock:
-            self.clients_dropped += 1
+            self.clients_dropped[reason] += 1
 
     def unsubscribe(self, subscriber: Subscriber) -> None:
         with self._lock:
@@ -1477,11 +1619,16 @@ class Broker:
                 "events_retained": sum(len(h.events) for h in self._history.values()),
                 "events_published": self.events_published,
                 "events_delivered": self.events_delivered,
-                "clients_dropped": self.clients_dropped,
+                "clients_dropped": sum(self.clients_dropped.values()),
+                "clients_dropped_by_reason": dict(self.clients_dropped),
                 "subscriptions_total": self.subscriptions_total,
                 "last_event_id": format_event_id(self.run_id, self._seq) if self._seq else None,
                 "run_id": self.run_id,
                 "uptime_s": round(self._clock() - self._started, 3),
+                "start_time_s": round(self.start_time_s, 3),
+                "delivery_seconds": {"buckets": self.delivery_seconds.cumulative(),
+                                     "sum": self.delivery_seconds.sum,
+                                     "count": self.delivery_seconds.count},
             }
 
 
@@ -1496,6 +1643,66 @@ def format_reset_event(reason: str, last_event_id: str) -> bytes:
     It carries no id, so the client's last event id is left as it was."""
     data = {"reason": reason, "lastEventId": last_event_id, "message": RESET_MESSAGES[reason]}
     return format_event(json.dumps(data, ensure_ascii=False), event="reset")
+
+
+# --- Metrics: the Prometheus text exposition of server.stats() --------------------------
+
+METRICS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+DROP_REASONS = ("slow", "write_timeout", "token_expired")
+
+
+def format_metrics(stats: dict) -> bytes:
+    """server.stats() in the Prometheus text format 0.0.4: one prefix (sse_),
+    HELP and TYPE for every metric, counters ending in _total, base units
+    (seconds). No label grows with the number of topics or clients."""
+    lines = []
+
+    def metric(name: str, kind: str, help_text: str, samples) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        for suffix, labels, value in samples:
+            label_text = ("{" + ",".join(f'{key}="{val}"' for key, val in labels) + "}"
+                          if labels else "")
+            lines.append(f"{name}{suffix}{label_text} {value}")
+
+    def single(name, kind, help_text, value):
+        metric(name, kind, help_text, [("", (), value)])
+
+    single("sse_subscribers", "gauge", "Open event streams.", stats["subscribers"])
+    single("sse_connections", "gauge", "Open connections (streams, publishers, others).",
+           stats["connections"])
+    single("sse_topics", "gauge", "Topics with at least one subscriber.", stats["topics"])
+    single("sse_events_published_total", "counter", "Events published.",
+           stats["events_published"])
+    single("sse_events_delivered_total", "counter",
+           "Events handed to subscribers (one per subscriber reached).",
+           stats["events_delivered"])
+    single("sse_subscriptions_total", "counter", "Streams opened.", stats["subscriptions_total"])
+    if stats.get("events_retained") is not None:
+        single("sse_events_retained", "gauge", "Events kept for Last-Event-ID replay.",
+               stats["events_retained"])
+    metric("sse_publish_requests_total", "counter", "POST /publish requests by status code.",
+           [("", (("code", code),), count)
+            for code, count in sorted(stats["publish_requests"].items())])
+    dropped = stats["clients_dropped_by_reason"]
+    metric("sse_clients_dropped_total", "counter",
+           "Streams the server ended on a client: too slow, writes timed out, token expired.",
+           [("", (("reason", reason),), dropped.get(reason, 0)) for reason in DROP_REASONS])
+    single("sse_start_time_seconds", "gauge", "When the server started (Unix time).",
+           stats["start_time_s"])
+    delivery = stats["delivery_seconds"]
+    metric("sse_delivery_seconds", "histogram",
+           "From publish until the fan-out wrote the event to every idle subscriber's "
+           "socket and queued it for the busy ones.",
+           [*[("_bucket", (("le", le),), count) for le, count in delivery["buckets"]],
+            ("_sum", (), repr(delivery["sum"])), ("_count", (), delivery["count"])])
+    redis = stats.get("redis")
+    if redis is not None:
+        single("sse_redis_connected", "gauge", "1 while the Redis reader is connected.",
+               int(bool(redis["connected"])))
+        single("sse_redis_reconnects_total", "counter", "Times the Redis connection was lost.",
+               redis["reconnects"])
+    return ("\n".join(lines) + "\n").encode("utf-8")
 
 
 # --- Redis mode: several instances share one event stream -------------------------------
@@ -1775,8 +1982,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # not listed here, a subclass's say, still work: they go in a dict.)
     __slots__ = ("request", "client_address", "server", "connection", "rfile", "wfile",
                  "raw_requestline", "requestline", "command", "path", "request_version",
-                 "headers", "close_connection", "startup_turn", "_io", "_reader",
-                 "_body_pending", "_cors", "_stream_deadline")
+                 "headers", "close_connection", "startup_turn", "client_host", "_io",
+                 "_reader", "_body_pending", "_cors", "_stream_deadline", "_started",
+                 "_status")
 
     protocol_version = "HTTP/1.1"      # keep-alive for publishers, chunked streams
     server_version = f"sse_server/{__version__}"
@@ -1788,6 +1996,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         "/publish": {"POST": "_handle_publish"},
         "/healthz": {"GET": "_handle_healthz", "HEAD": "_handle_healthz"},
         "/stats": {"GET": "_handle_stats", "HEAD": "_handle_stats"},
+        "/metrics": {"GET": "_handle_metrics", "HEAD": "_handle_metrics"},
     }
     static_methods = {"GET": "_handle_static", "HEAD": "_handle_static"}
     cors_paths = ("/events", "/publish")
@@ -1818,8 +2027,10 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         """Read, parse and answer one request: the base class's loop body,
         with one deadline for the whole request, and with no locals left
         holding the method it calls (a stream's call lasts for hours)."""
-        self._reader.deadline = time.monotonic() + self.server.request_timeout_s
+        self._started = time.monotonic()
+        self._reader.deadline = self._started + self.server.request_timeout_s
         self._cors = ()
+        self.client_host = self.client_address[0]   # until a trusted proxy says otherwise
         try:
             self.raw_requestline = self.rfile.readline(65537)
             if len(self.raw_requestline) > 65536:
@@ -1882,11 +2093,16 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
 
     def _dispatch(self) -> None:
+        url = None
+        self._status = 0
         try:
             if not _REQUEST_TARGET.fullmatch(self.path):
                 self.close_connection = True
                 raise BadRequest("request target must be printable ASCII (percent-encode the rest)")
             url = urllib.parse.urlsplit(self.path)
+            if self.server.trusted_proxies:
+                self.client_host = client_host(self.client_address[0], self.headers,
+                                               self.server.trusted_proxies)
             if url.path in self.cors_paths:
                 self._cors = cors_headers(self.server.cors_origins, self.headers.get("Origin"))
             length = self._content_length()
@@ -1915,6 +2131,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                           headers=error.headers)
         except _ClientGone:
             self.close_connection = True
+        if url is not None and url.path == "/publish":
+            self.server.count_publish_request(self._status)
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
@@ -1951,8 +2169,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
                        *headers]
         head = self._head(status, headers)
-        self.log_request(status.value, len(body))
+        self._status = status.value
         self._io.send_all(head if self.command == "HEAD" else head + body)
+        self.log_request(status.value, len(body) if self.command != "HEAD" else 0)
 
     _date_cache = (0, "")     # (second, Date header text): formatting it is not free
 
@@ -1998,9 +2217,27 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         except OSError:
             pass    # the client is already gone
 
+    def address_string(self) -> str:
+        return self.client_host     # behind a trusted proxy, the forwarded client's
+
+    def log_request(self, code="-", size="-", extra: str = "") -> None:
+        """The access log, one line per request: Common Log Format (client,
+        time the request arrived, request line, status, bytes) and how long it
+        took. A stream's line is written when it ends, with `extra` (events
+        sent and why it ended). Query tokens never reach the log."""
+        if not access_logger.isEnabledFor(logging.INFO):
+            return      # skip the formatting: it costs every request
+        now = time.monotonic()
+        arrived = time.time() - (now - self._started)
+        request_line = json.dumps(_TOKEN_IN_QUERY.sub(r"\1[redacted]", self.requestline or ""),
+                                  ensure_ascii=True)      # quoted, escaped: no log injection
+        access_logger.info("%s - - [%s] %s %s %s %.3fs%s", self.client_host,
+                           time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(arrived)),
+                           request_line, code, size, now - self._started, extra)
+
     def log_message(self, format: str, *args) -> None:
         if not logger.isEnabledFor(logging.INFO):
-            return      # skip the formatting: it costs every request
+            return      # skip the formatting
         # Tokens in query strings (EventSource cannot send headers) never reach the log.
         message = _TOKEN_IN_QUERY.sub(r"\1[redacted]", format % args)
         logger.info("%s %s", self.address_string(), message)
@@ -2033,6 +2270,11 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _handle_stats(self, url) -> None:
         self._respond_json(self.server.stats())
 
+    def _handle_metrics(self, url) -> None:
+        self.server.access.check_metrics(self.client_host, self._bearer())
+        self._respond(HTTPStatus.OK, format_metrics(self.server.stats()),
+                      content_type=METRICS_CONTENT_TYPE)
+
     def _static_path(self, url_path: str) -> Optional[str]:
         return resolve_static_path(self.server.static_dir, url_path)
 
@@ -2047,14 +2289,14 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         with open(path, "rb") as file:
             body = file.read()
         headers = [("Cache-Control", "no-cache"), ("X-Content-Type-Options", "nosniff")]
-        if content_type.startswith("text/html"):
-            headers.append(("Content-Security-Policy", CONTENT_SECURITY_POLICY))
+        if content_type.startswith("text/html") and self.server.csp:
+            headers.append(("Content-Security-Policy", self.server.csp))
         self._respond(HTTPStatus.OK, body, content_type=content_type, headers=headers)
 
     # Publish
 
     def _handle_publish(self, url) -> None:
-        client_host = self.client_address[0]
+        client_host = self.client_host
         if self.server.publish_limiter is not None:
             wait_s = self.server.publish_limiter.acquire(client_host)
             if wait_s:
@@ -2078,7 +2320,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         is held per subscriber: the request's leftovers are let go early."""
         topics, last_event_id = self._check_events_request(url.query)
         self.close_connection = True    # the stream ends only by closing
-        host = self.client_address[0]
+        host = self.client_host
         self.server.take_stream_quota(host)
         try:
             subscriber, replay = self.server.broker.subscribe(
@@ -2089,24 +2331,32 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             raise
         del topics, last_event_id
         self.server.stream_started(self.connection, subscriber)
+        sent_before, reason = self._io.sent, "client_gone"
         try:
             self._start_stream(subscriber, replay)
             del replay
             self._io.before_wait()      # set up: let the next connection in
             end = subscriber.pump(self.server.heartbeat_s, self._stream_deadline)
+            reason = end.reason
+            if end is TOKEN_EXPIRED:
+                self.server.broker.count_dropped("token_expired")
             subscriber.say_goodbye(end)
-            logger.debug("stream to %s ended: %s", self.address_string(), end.reason)
         except socket.timeout:
-            self.server.broker.count_dropped()
+            reason = "write_timeout"
+            self.server.broker.count_dropped(reason)
             logger.warning("dropped %s: it accepted no bytes for %ss (--write-timeout)",
                            self.address_string(), self.server.write_timeout_s)
         except OSError as error:    # peer gone, or cut by the broker or shutdown
             logger.debug("stream to %s ended: %r", self.address_string(), error)
         finally:
-            subscriber.close()      # nobody touches the socket from here on: it will close
+            why = subscriber.close()    # nobody touches the socket from here on: it will close
             self.server.broker.unsubscribe(subscriber)
             self.server.stream_ended(self.connection)
             self.server.return_stream_quota(host)
+        if why is not None and reason == "client_gone":     # the write failed: it was cut
+            reason = why.reason
+        self.log_request(200, self._io.sent - sent_before + subscriber.direct_bytes,
+                         f" events={subscriber.events} end={reason}")
 
     def _check_events_request(self, query_text: str) -> tuple[Topics, Optional[str]]:
         """Topics, Last-Event-ID and access of a GET /events (an HTTPError if
@@ -2125,7 +2375,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _start_stream(self, sink: StreamSink, replay: list[bytes]) -> None:
         """Response head and first bytes at once (so EventSource fires `open`
         and proxies see a start), then the replay."""
-        self.log_request(200)
+        if access_logger.isEnabledFor(logging.DEBUG):   # its line comes when it ends
+            access_logger.debug("%s stream started: %s", self.client_host,
+                                _TOKEN_IN_QUERY.sub(r"\1[redacted]", self.requestline))
         sink.write(CONNECTED_COMMENT + format_retry(self.server.retry_ms), head=self._head(
             HTTPStatus.OK, [
                 ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
@@ -2133,10 +2385,10 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 *([("Transfer-Encoding", "chunked")] if sink.chunked else [])]))
         sink.write_replay(replay)
         # Nothing more is read from a stream: free what parsing the request
-        # needed (a read buffer, the headers, the request line).
+        # needed (a read buffer, the headers; the request line stays for the log).
         self.rfile.close()
         self.rfile = self._reader = self.headers = None
-        self.raw_requestline = self.requestline = self.path = None
+        self.raw_requestline = self.path = None
 
 
 class HangupWatcher:
@@ -2375,6 +2627,8 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
                  certfile: Optional[str] = None, keyfile: Optional[str] = None,
                  max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
                  redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
+                 trusted_proxies: Iterable[str] = (), metrics_token: Optional[str] = None,
+                 csp: Optional[str] = None,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
         if not write_timeout_s or write_timeout_s <= 0:
             # Every wait for a client has a deadline: without one a stuck client
@@ -2384,6 +2638,10 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
             self.address_family = socket.AF_INET6
         self.static_dir = static_dir or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "static")
+        # The demo page is written for a strict policy; a folder of the user's
+        # own gets none unless they give one (an inline <script> must just work).
+        self.csp = csp if csp is not None else (None if static_dir else CONTENT_SECURITY_POLICY)
+        self.trusted_proxies = parse_trusted_proxies(trusted_proxies)
         self.heartbeat_s = heartbeat_s
         self.retry_ms = retry_ms
         self.max_body_bytes = max_body_bytes
@@ -2391,7 +2649,8 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         self.request_timeout_s = request_timeout_s
         self.max_header_bytes = max_header_bytes
         self.access = AccessPolicy(publish_token=publish_token, jwt_secret=jwt_secret,
-                                   private_topics=private_topics, require_auth=require_auth)
+                                   private_topics=private_topics, require_auth=require_auth,
+                                   metrics_token=metrics_token)
         self.jwt_cookie = jwt_cookie
         self.cors_origins = list(cors_origins)
         self.max_clients_per_ip = max_clients_per_ip
@@ -2409,6 +2668,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         # with 10,000 streams); and streams per client address.
         self._open_streams = 0
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
+        self._publish_requests: collections.Counter[int] = collections.Counter()  # by status
         self._serving = False
         self._hangups = HangupWatcher(self._hung_up)
         try:
@@ -2447,10 +2707,16 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         scheme = "https" if self.tls_context else "http"
         return f"{scheme}://{host}:{port}/"
 
+    def count_publish_request(self, status: int) -> None:
+        with self._connections_lock:
+            self._publish_requests[status] += 1
+
     def stats(self) -> dict:
         stats = self.broker.stats()
         with self._connections_lock:
             stats["connections"] = len(self._connections)
+            stats["publish_requests"] = {str(code): count for code, count
+                                         in sorted(self._publish_requests.items())}
         return stats
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
@@ -2554,6 +2820,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="port to bind; 0 picks a free one (the URL is printed)")
     parser.add_argument("--static", metavar="DIR", default=None,
                         help="folder served at / (default: static/ beside this file)")
+    parser.add_argument("--csp", metavar="POLICY", default=None,
+                        help="Content-Security-Policy for HTML files (default: a strict one "
+                             "for the demo page, none for a --static folder)")
     parser.add_argument("--heartbeat", metavar="S", type=float, default=HEARTBEAT_S,
                         help="seconds of silence before a heartbeat comment")
     parser.add_argument("--retry", metavar="MS", type=int, default=RETRY_MS,
@@ -2606,6 +2875,13 @@ def build_parser() -> argparse.ArgumentParser:
                                "limit)")
     security.add_argument("--publish-burst", metavar="N", type=int, default=20,
                           help="publishes allowed in a burst with --publish-rate")
+    security.add_argument("--trusted-proxy", metavar="ADDR", action="append", default=[],
+                          help="a reverse proxy (IP address or CIDR block) whose "
+                               "X-Forwarded-For / Forwarded header names the client; repeatable")
+    security.add_argument("--metrics-token", metavar="T",
+                          default=os.environ.get("SSE_METRICS_TOKEN"),
+                          help="let 'Authorization: Bearer T' read /metrics from anywhere (env "
+                               "SSE_METRICS_TOKEN); without it only loopback may")
     scale = parser.add_argument_group("several instances (Redis)")
     scale.add_argument("--redis", metavar="URL", default=os.environ.get("SSE_REDIS_URL"),
                        help="share events, ids and replay through Redis: redis://[:password@]"
@@ -2691,6 +2967,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     problem = _positive_settings(args)
     if problem:
         parser.error(problem)
+    try:
+        parse_trusted_proxies(args.trusted_proxy)
+    except ValueError as error:
+        parser.error(f"--trusted-proxy: {error}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Log records name their thread only if asked to; asking from a handler
@@ -2719,7 +2999,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             private_topics=args.private_topic, require_auth=args.require_auth,
             cors_origins=args.cors_origin, certfile=args.certfile, keyfile=args.keyfile,
             max_clients_per_ip=args.max_clients_per_ip, publish_rate=args.publish_rate,
-            publish_burst=args.publish_burst, redis_url=args.redis, redis_key=args.redis_key)
+            publish_burst=args.publish_burst, redis_url=args.redis, redis_key=args.redis_key,
+            trusted_proxies=args.trusted_proxy, metrics_token=args.metrics_token,
+            csp=args.csp)
     except RuntimeError as error:   # --redis without the redis package
         print(f"sse_server: {error}", file=sys.stderr)
         return 1

@@ -201,12 +201,14 @@ class StreamClient:
     """Opens GET /events on a raw socket and decodes every byte strictly."""
 
     def __init__(self, port, query="topic=t", *, headers=(), version="HTTP/1.1",
-                 path="/events", recv_buffer=None, tls=None):
+                 path="/events", recv_buffer=None, tls=None, host="127.0.0.1", source=None):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if recv_buffer:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, recv_buffer)
+        if source:
+            self.sock.bind((source, 0))
         self.sock.settimeout(WAIT_S)
-        self.sock.connect(("127.0.0.1", port))
+        self.sock.connect((host, port))
         if tls is not None:
             self.sock = tls.wrap_socket(self.sock, server_hostname="127.0.0.1")
         lines = [f"GET {path}?{query} {version}", "Host: 127.0.0.1", *headers, "", ""]
@@ -1579,9 +1581,12 @@ class WriteTimeoutTests(ServerTestCase):
             reader.next_event()
         self.subscribed(1)
         self.assertEqual(self.server.stats()["clients_dropped"], 1)
+        self.assertEqual(self.server.stats()["clients_dropped_by_reason"], {"write_timeout": 1})
         self.server.broker.publish("t", "still flowing")
         self.assertEqual(reader.next_event().data, "still flowing")
         self.assertTrue(any("write-timeout" in r.getMessage() for r in SERVER_LOG.records))
+        ends = [r.getMessage() for r in SERVER_LOG.records if r.name == "sse_server.access"]
+        self.assertTrue(any(line.endswith("end=write_timeout") for line in ends), ends)
 
 
 class RequestTimeoutTests(ServerTestCase):
@@ -2240,6 +2245,7 @@ class JWTServerTests(ServerTestCase):
         self.assertTrue(client.ended)
         self.assertIn("token expired", client.parser.comments)
         self.subscribed(0)
+        self.assertEqual(self.server.stats()["clients_dropped_by_reason"], {"token_expired": 1})
         # Reconnecting with the expired token is refused (leeway aside, it is stale).
         stale = token(exp=time.time() - 60, sse={"subscribe": ["private/*"]})
         self.assertEqual(http_request(self.port, "GET", "/events?topic=private/x",
@@ -2739,6 +2745,361 @@ class PortableModeTests(unittest.TestCase):
         self.assertRegex(summary, r"Ran \d+ tests .* OK")
 
 
+# --- In production: proxies, metrics, the access log, static files ----------------------
+
+class TrustedProxyTests(unittest.TestCase):
+    """client_host(): whose address a request has, behind proxies (pure)."""
+
+    TRUSTED = sse_server.parse_trusted_proxies(["127.0.0.1", "10.0.0.0/8", "::1"])
+
+    def host(self, peer, **headers):
+        fields = sse_server.Headers()
+        for name, value in headers.items():
+            fields._fields[name.replace("_", "-").lower()] = (
+                value if isinstance(value, list) else [value])
+        return sse_server.client_host(peer, fields, self.TRUSTED)
+
+    def test_the_rightmost_untrusted_hop_is_the_client(self):
+        cases = [
+            ("127.0.0.1", {"x_forwarded_for": "203.0.113.9"}, "203.0.113.9"),
+            ("127.0.0.1", {"x_forwarded_for": "203.0.113.9, 10.1.2.3"}, "203.0.113.9"),
+            ("127.0.0.1", {"x_forwarded_for": "6.6.6.6, 203.0.113.9"}, "203.0.113.9"),  # spoof
+            ("127.0.0.1", {"x_forwarded_for": ["6.6.6.6", "203.0.113.9:4711"]}, "203.0.113.9"),
+            ("127.0.0.1", {"x_forwarded_for": "10.0.0.1, 10.0.0.2"}, "10.0.0.1"),   # all proxies
+            ("127.0.0.1", {"x_forwarded_for": "[2001:db8::1]:443"}, "2001:db8::1"),
+            ("127.0.0.1", {"x_forwarded_for": "::ffff:192.0.2.1"}, "192.0.2.1"),
+            ("::1", {"forwarded": 'for=192.0.2.60;proto=http;by=203.0.113.43, '
+                                  'for="[2001:db8:cafe::17]:4711"'}, "2001:db8:cafe::17"),
+            ("127.0.0.1", {"forwarded": "for=192.0.2.60", "x_forwarded_for": "198.51.100.1"},
+             "198.51.100.1"),                                      # X-Forwarded-For first
+            ("127.0.0.1", {"forwarded": "proto=https"}, "127.0.0.1"),       # no for=
+            ("127.0.0.1", {}, "127.0.0.1"),                                 # no header
+        ]
+        for peer, headers, expected in cases:
+            with self.subTest(peer=peer, headers=headers):
+                self.assertEqual(self.host(peer, **headers), expected)
+
+    def test_headers_from_other_peers_are_ignored(self):
+        self.assertEqual(self.host("192.0.2.50", x_forwarded_for="127.0.0.1"), "192.0.2.50")
+        self.assertEqual(sse_server.client_host("127.0.0.1", sse_server.Headers(), []),
+                         "127.0.0.1")
+
+    def test_malformed_chains_from_a_trusted_proxy_are_400(self):
+        for headers in ({"x_forwarded_for": "garbage"}, {"x_forwarded_for": "1.2.3.4,,5.6.7.8"},
+                        {"x_forwarded_for": "1.2.3.4:99999999"}, {"x_forwarded_for": "[::1"},
+                        {"x_forwarded_for": "1.2.3.4:x"}, {"forwarded": "for"},
+                        {"forwarded": "for=unknown"}, {"x_forwarded_for": ""}):
+            with self.subTest(headers=headers), self.assertRaises(HTTPError) as caught:
+                self.host("127.0.0.1", **headers)
+            self.assertEqual(caught.exception.status, 400)
+
+    def test_trusted_proxy_specs(self):
+        networks = sse_server.parse_trusted_proxies(["192.0.2.1", "10.0.0.0/8", "2001:db8::/32"])
+        self.assertEqual([str(n) for n in networks], ["192.0.2.1/32", "10.0.0.0/8",
+                                                       "2001:db8::/32"])
+        for bad in ("nginx", "10.0.0.0/33", ""):
+            with self.subTest(spec=bad), self.assertRaises(ValueError):
+                sse_server.parse_trusted_proxies([bad])
+
+
+class ForwardedClientTests(ServerTestCase):
+    """A server behind a trusted proxy on loopback: every rule sees the client."""
+
+    server_options = {"trusted_proxies": ["127.0.0.1"], "max_clients_per_ip": 1,
+                      "publish_rate": 1, "publish_burst": 1}
+
+    def test_the_loopback_rule_sees_the_forwarded_client(self):
+        status, _, body = http_request(self.port, "POST", "/publish?topic=t", b"x",
+                                       {"X-Forwarded-For": "192.0.2.7"})
+        self.assertEqual(status, 403, body)
+        server = self.start_server()        # without --trusted-proxy the header means nothing
+        status, _, _ = http_request(server.server_address[1], "POST", "/publish?topic=t", b"x",
+                                    {"X-Forwarded-For": "192.0.2.7"})
+        self.assertEqual(status, 200)
+
+    def test_per_address_limits_count_forwarded_clients(self):
+        first = self.subscribe(headers=["X-Forwarded-For: 198.51.100.1"])
+        self.assertEqual(first.status, 200)
+        again = StreamClient(self.port, headers=["X-Forwarded-For: 198.51.100.1"])
+        self.addCleanup(again.close)
+        self.assertEqual(again.status, 503)
+        other = self.subscribe(headers=["X-Forwarded-For: 198.51.100.2"])
+        self.assertEqual(other.status, 200)
+        for address, expected in (("127.0.0.8", 200), ("127.0.0.8", 429), ("127.0.0.9", 200)):
+            status, _, _ = http_request(self.port, "POST", "/publish?topic=t", b"x",
+                                        {"X-Forwarded-For": address})
+            self.assertEqual(status, expected, address)
+
+    def test_a_malformed_header_is_400_and_the_log_names_the_client(self):
+        status, _, body = http_request(self.port, "GET", "/healthz",
+                                       headers={"X-Forwarded-For": "not-an-address"})
+        self.assertEqual(status, 400, body)
+        SERVER_LOG.records.clear()
+        http_request(self.port, "GET", "/healthz", headers={"X-Forwarded-For": "192.0.2.77"})
+        access = [r.getMessage() for r in SERVER_LOG.records if r.name == "sse_server.access"]
+        self.assertTrue(access and access[-1].startswith("192.0.2.77 - - ["), access)
+
+
+NGINX = shutil.which("nginx") or next(
+    (path for path in ("/usr/sbin/nginx",) if os.path.exists(path)), None)
+REQUIRE_NGINX = os.environ.get("SSE_REQUIRE_NGINX") == "1"
+
+
+def readme_block(language: str) -> str:
+    """The first ```language block of the README (tests use what users copy)."""
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as file:
+        match = re.search(rf"```{language}\n(.*?)```", file.read(), re.S)
+    assert match, f"no {language} block in the README"
+    return match.group(1)
+
+
+class NginxProcess:
+    """A real nginx in front of a server, configured with the README's snippet:
+    it listens on 127.0.0.2 and connects to the server from 127.0.0.3, so
+    the proxy, its clients (127.0.0.4, ...) and the server all differ."""
+
+    def __init__(self, upstream_port: int, read_timeout_s: int):
+        self.folder = tempfile.TemporaryDirectory(prefix="sse-nginx-")
+        self.port = free_port()
+        snippet = readme_block("nginx").replace("127.0.0.1:8000", f"127.0.0.1:{upstream_port}")
+        snippet = re.sub(r"proxy_read_timeout \w+;", f"proxy_read_timeout {read_timeout_s}s;",
+                         snippet)
+        folder = self.folder.name
+        user = "user root;" if os.geteuid() == 0 else ""
+        config = f"""
+            {user}
+            worker_processes 1;
+            daemon off;
+            pid {folder}/nginx.pid;
+            error_log {folder}/error.log warn;
+            events {{ worker_connections 512; }}
+            http {{
+                access_log off;
+                client_body_temp_path {folder}/body;
+                proxy_temp_path {folder}/proxy;
+                fastcgi_temp_path {folder}/fastcgi;
+                uwsgi_temp_path {folder}/uwsgi;
+                scgi_temp_path {folder}/scgi;
+                server {{
+                    listen 127.0.0.2:{self.port};
+                    proxy_bind 127.0.0.3;
+                    {snippet}
+                }}
+            }}"""
+        with open(os.path.join(folder, "nginx.conf"), "w") as file:
+            file.write(config)
+        self.process = subprocess.Popen(
+            [NGINX, "-p", folder, "-c", os.path.join(folder, "nginx.conf"), "-e",
+             os.path.join(folder, "error.log")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_until(self._listening, message="nginx to listen")
+
+    def _listening(self) -> bool:
+        if self.process.poll() is not None:
+            raise AssertionError(f"nginx failed: {self.process.stderr.read()!r}")
+        try:
+            socket.create_connection(("127.0.0.2", self.port), timeout=1).close()
+            return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(WAIT_S)
+        self.process.stderr.close()
+        self.folder.cleanup()
+
+
+@unittest.skipUnless(NGINX or REQUIRE_NGINX, "nginx is missing (apt-get install nginx); "
+                                             "set SSE_REQUIRE_NGINX=1 to fail instead")
+class NginxTests(ServerTestCase):
+    """Behind a real nginx, configured with the README's snippet."""
+
+    server_options = {"trusted_proxies": ["127.0.0.3"], "heartbeat_s": 0.3,
+                      "max_clients_per_ip": 1}
+
+    def setUp(self):
+        if not NGINX:
+            self.fail("SSE_REQUIRE_NGINX=1 but nginx is missing")
+        super().setUp()
+        self.nginx = NginxProcess(self.port, read_timeout_s=1)
+        self.addCleanup(self.nginx.stop)
+
+    def via_nginx(self, query="topic=t", source="127.0.0.4", **kwargs):
+        client = StreamClient(self.nginx.port, query, host="127.0.0.2", source=source,
+                              **kwargs)
+        self.addCleanup(client.close)
+        return client
+
+    def test_events_arrive_unbuffered_and_heartbeats_outlast_the_read_timeout(self):
+        client = self.via_nginx()
+        self.assertEqual(client.status, 200)
+        self.subscribed(1)
+        self.server.broker.publish("t", "first")
+        self.assertEqual(client.next_event(timeout=2).data, "first")
+        # Heartbeats every 0.3 s keep nginx's 1 s proxy_read_timeout from firing.
+        wait_until(lambda: client.pump() and client.parser.comments.count("heartbeat") >= 6,
+                   message="heartbeats through nginx for longer than its read timeout")
+        self.server.broker.publish("t", "still open")
+        self.assertEqual(client.next_event(timeout=2).data, "still open")
+        self.assertFalse(client.closed)
+
+    def test_last_event_id_resumes_through_nginx(self):
+        client = self.via_nginx()
+        self.subscribed(1)
+        seen = self.server.broker.publish("t", "seen").id
+        self.assertEqual(client.next_event().id, seen)
+        client.close()
+        self.subscribed(0)
+        missed = [self.server.broker.publish("t", f"missed {n}").id for n in range(2)]
+        again = self.via_nginx(headers=[f"Last-Event-ID: {seen}"])
+        self.assertEqual([e.id for e in again.take(2)], missed)
+
+    def test_shutdown_ends_streams_cleanly_through_nginx(self):
+        client = self.via_nginx()
+        self.subscribed(1)
+        self.server.stop()
+        # nginx keeps its client connection alive: the end is the terminating chunk.
+        wait_until(lambda: client.pump(0.1) is not None and client.ended,
+                   message="the terminating chunk through nginx")
+        self.assertGreaterEqual(client.parser.retry, 1000)
+
+    def test_per_client_limits_see_the_forwarded_address(self):
+        self.assertEqual(self.via_nginx().status, 200)
+        self.subscribed(1)
+        self.assertEqual(self.via_nginx().status, 503)       # same client, through nginx
+        spoofed = self.via_nginx(headers=["X-Forwarded-For: 127.0.0.99"])
+        self.assertEqual(spoofed.status, 503)                 # nginx appends the real one
+        self.assertEqual(self.via_nginx(source="127.0.0.5").status, 200)
+        self.subscribed(2)
+
+
+try:
+    from prometheus_client.parser import text_string_to_metric_families
+except ImportError:
+    text_string_to_metric_families = None
+REQUIRE_PROMETHEUS = os.environ.get("SSE_REQUIRE_PROMETHEUS") == "1"
+
+
+class MetricsTests(ServerTestCase):
+    def metrics(self, **headers):
+        status, answer_headers, body = http_request(self.port, "GET", "/metrics",
+                                                    headers=headers)
+        self.assertEqual(status, 200, body)
+        self.assertEqual(answer_headers["Content-Type"],
+                         "text/plain; version=0.0.4; charset=utf-8")
+        return body.decode("utf-8")
+
+    def families(self, text):
+        if text_string_to_metric_families is None:
+            if REQUIRE_PROMETHEUS:
+                self.fail("SSE_REQUIRE_PROMETHEUS=1 but prometheus-client is missing")
+            self.skipTest("the prometheus-client package is missing (pip install "
+                          "prometheus-client); set SSE_REQUIRE_PROMETHEUS=1 to fail instead")
+        return {family.name: family for family in text_string_to_metric_families(text)}
+
+    def test_the_real_parser_reads_every_metric_and_the_values_agree_with_stats(self):
+        client = self.subscribe()
+        self.subscribed(1)
+        for n in range(3):
+            self.assertEqual(publish_form(self.port, topic="t", data=str(n))["subscribers"], 1)
+        client.take(3)
+        http_request(self.port, "POST", "/publish", b"x")      # a 400: no topic
+        text = self.metrics()
+        families = self.families(text)
+        stats = json.loads(http_request(self.port, "GET", "/stats")[2])
+        for family in families.values():
+            self.assertTrue(family.name.startswith("sse_"), family.name)
+            self.assertTrue(family.documentation, family.name)
+            self.assertIn(f"# TYPE {family.name}", text)
+        value = {sample.name: sample.value for family in families.values()
+                 for sample in family.samples if not sample.labels}
+        self.assertEqual(value["sse_subscribers"], stats["subscribers"])
+        self.assertEqual(value["sse_events_published_total"], stats["events_published"])
+        self.assertEqual(value["sse_events_delivered_total"], stats["events_delivered"])
+        self.assertEqual(value["sse_events_retained"], stats["events_retained"])
+        self.assertEqual(value["sse_delivery_seconds_count"], 3)
+        self.assertEqual(families["sse_events_published"].type, "counter")
+        self.assertEqual(families["sse_delivery_seconds"].type, "histogram")
+        codes = {s.labels["code"]: s.value for s in families["sse_publish_requests"].samples}
+        self.assertEqual(codes, {"200": 3, "400": 1})
+        self.assertEqual(stats["publish_requests"], {"200": 3, "400": 1})
+        reasons = {s.labels["reason"] for s in families["sse_clients_dropped"].samples}
+        self.assertEqual(reasons, {"slow", "write_timeout", "token_expired"})
+
+    def test_series_do_not_grow_with_topics(self):
+        before = self.metrics().count("\n")
+        for n in range(300):
+            self.server.broker.publish(f"topic-{n}", "x")
+        self.assertEqual(self.metrics().count("\n"), before)
+
+    def test_head_and_access(self):
+        self.assertEqual(http_request(self.port, "HEAD", "/metrics")[0], 200)
+        remote = run_server(self, handler_class=RemoteClientHandler)
+        port = remote.server_address[1]
+        self.assertEqual(http_request(port, "GET", "/metrics")[0], 403)
+        remote.access.metrics_token = "scrape"
+        self.assertEqual(http_request(port, "GET", "/metrics")[0], 401)
+        self.assertEqual(http_request(port, "GET", "/metrics",
+                                      headers={"Authorization": "Bearer scrape"})[0], 200)
+        self.assertEqual(http_request(port, "GET", "/metrics",
+                                      headers={"Authorization": "Bearer wrong"})[0], 401)
+
+
+ACCESS_LINE = re.compile(r'(?P<host>\S+) - - \[\d{2}/\w{3}/\d{4}:\d{2}:\d{2}:\d{2} \+0000\] '
+                         r'"(?P<request>[^"]*)" (?P<status>\d{3}) (?P<bytes>\d+) '
+                         r'(?P<seconds>\d+\.\d{3})s(?P<extra>.*)')
+
+
+class AccessLogTests(ServerTestCase):
+    def access_lines(self):
+        return [ACCESS_LINE.fullmatch(r.getMessage()) for r in SERVER_LOG.records
+                if r.name == "sse_server.access" and r.levelno == logging.INFO]
+
+    def test_one_line_per_request(self):
+        SERVER_LOG.records.clear()
+        http_request(self.port, "GET", "/healthz")
+        http_request(self.port, "GET", "/nope")
+        lines = self.access_lines()
+        self.assertEqual([(m["host"], m["request"], m["status"], m["bytes"]) for m in lines],
+                         [("127.0.0.1", "GET /healthz HTTP/1.1", "200", "3"),
+                          ("127.0.0.1", "GET /nope HTTP/1.1", "404", str(len(
+                              b"no such resource: /nope\n")))])
+
+    def test_a_streams_line_comes_at_its_end_with_events_bytes_and_why(self):
+        SERVER_LOG.records.clear()
+        client = self.subscribe("topic=t")
+        self.subscribed(1)
+        self.assertEqual(self.access_lines(), [], "no line while the stream is open")
+        for n in range(3):
+            self.server.broker.publish("t", str(n))
+        client.take(3)
+        client.close()
+        wait_until(lambda: self.access_lines(), message="the stream's line")
+        line, = self.access_lines()
+        self.assertEqual((line["request"], line["status"]), ("GET /events?topic=t HTTP/1.1",
+                                                             "200"))
+        self.assertEqual(line["extra"], " events=3 end=client_gone")
+        self.assertEqual(int(line["bytes"]), len(client.raw))
+
+
+class StaticPolicyTests(ServerTestCase):
+    def test_only_the_demo_page_gets_the_strict_policy_unless_asked(self):
+        folder = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, folder)
+        with open(os.path.join(folder, "index.html"), "w") as file:
+            file.write("<script>new EventSource('/events?topic=t')</script>")
+        demo = http_request(self.port, "GET", "/")[1]
+        self.assertEqual(demo["Content-Security-Policy"], sse_server.CONTENT_SECURITY_POLICY)
+        own = self.start_server(static_dir=folder)
+        headers = http_request(own.server_address[1], "GET", "/")[1]
+        self.assertNotIn("Content-Security-Policy", headers)
+        asked = self.start_server(static_dir=folder, csp="default-src 'self'")
+        headers = http_request(asked.server_address[1], "GET", "/")[1]
+        self.assertEqual(headers["Content-Security-Policy"], "default-src 'self'")
+
+
 class CommandLineTests(unittest.TestCase):
     def test_help_documents_every_option(self):
         output = subprocess.run([sys.executable, os.path.join(HERE, "sse_server.py"), "--help"],
@@ -2749,7 +3110,8 @@ class CommandLineTests(unittest.TestCase):
                        "--request-timeout", "--retry", "--jwt-secret", "--jwt-secret-file",
                        "--jwt-cookie", "--private-topic", "--require-auth", "--cors-origin",
                        "--certfile", "--keyfile", "--max-clients-per-ip", "--publish-rate",
-                       "--publish-burst", "--max-header-bytes", "--redis", "--redis-key"):
+                       "--publish-burst", "--max-header-bytes", "--redis", "--redis-key",
+                       "--trusted-proxy", "--metrics-token", "--csp"):
             self.assertIn(option, output)
 
     def test_redis_without_the_package_says_how_to_install_it(self):

@@ -121,20 +121,34 @@ class Target:
 
 class OurServer(Target):
     name = "sse_server.py"
+    log_level = "warning"       # as every server here runs: no access log
 
     def __init__(self, extra=()):
         self.extra = list(extra)
 
     def command(self, port: int) -> list[str]:
         return [sys.executable, os.path.join(ROOT, "sse_server.py"), "--port", str(port),
-                "--log-level", "warning", "--max-clients", "19000", *self.extra]
+                "--log-level", self.log_level, "--max-clients", "19000", *self.extra]
 
     def start(self, port):
         return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL)
 
 
+class DefaultLogServer(OurServer):
+    """Ours at the default --log-level info (the access log on), S5 only:
+    what a user who changes nothing gets, beside the warnings-only column."""
+
+    name = "sse_server.py, log level info"
+    log_level = "info"
+    scenarios = ("S5",)
+
+    def start(self, port):      # the log goes to stderr: written, and thrown away
+        return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+
+
 # Imports the test module with SSE_PORTABLE=1, which applies the portable
-# shim (no os.readv, no epoll or poll, no MSG_NOSIGNAL, ...) before sse_server.
+# shim (no os.readv, no epoll, no MSG_NOSIGNAL, ...) before sse_server.
 PORTABLE_MAIN = ("import sys; sys.path.insert(0, sys.argv.pop(1)); import test_sse_server; "
                  "sys.exit(test_sse_server.sse_server.main(sys.argv[1:]))")
 
@@ -262,6 +276,8 @@ def main(argv=None) -> int:
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # inherited by the servers
 
     targets: list[Target] = [OurServer()]
+    if "S5" in scenarios:
+        targets.append(DefaultLogServer())
     if args.portable:
         targets.append(PortableServer())
     if args.compare:
@@ -279,6 +295,8 @@ def main(argv=None) -> int:
         for target in targets:      # one at a time, each a fresh process per scenario
             results[target.name] = {}
             for scenario in scenarios:
+                if scenario not in getattr(target, "scenarios", scenarios):
+                    continue
                 print(f"... {target.name} {scenario}", file=sys.stderr, flush=True)
                 ports = redis if (redis and target is redis.target) else None
                 try:
