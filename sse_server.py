@@ -2389,6 +2389,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = self._reader = self.headers = None
         self.raw_requestline = self.path = None
+        if not access_logger.isEnabledFor(logging.INFO):
+            self.requestline = None     # no line will be logged: let it go too
 
 
 class HangupWatcher:
