@@ -1585,8 +1585,9 @@ class WriteTimeoutTests(ServerTestCase):
         self.server.broker.publish("t", "still flowing")
         self.assertEqual(reader.next_event().data, "still flowing")
         self.assertTrue(any("write-timeout" in r.getMessage() for r in SERVER_LOG.records))
-        ends = [r.getMessage() for r in SERVER_LOG.records if r.name == "sse_server.access"]
-        self.assertTrue(any(line.endswith("end=write_timeout") for line in ends), ends)
+        wait_until(lambda: any(r.getMessage().endswith("end=write_timeout")
+                               for r in SERVER_LOG.records if r.name == "sse_server.access"),
+                   message="the dropped stream's access-log line")
 
 
 class RequestTimeoutTests(ServerTestCase):
@@ -2230,8 +2231,9 @@ class JWTServerTests(ServerTestCase):
         client = self.subscribe(f"topic=private/x&access_token={secret_token}")
         self.subscribed(1)
         http_request(self.port, "GET", f"/events?access_token={secret_token}&topic=bad%20topic")
+        wait_until(lambda: any("access_token=[redacted]" in r.getMessage()
+                               for r in SERVER_LOG.records), message="the 400's log line")
         logged = "\n".join(record.getMessage() for record in SERVER_LOG.records)
-        self.assertIn("access_token=[redacted]", logged)
         self.assertNotIn(secret_token.split(".")[2], logged)
         client.close()
 
@@ -2834,10 +2836,12 @@ class ForwardedClientTests(ServerTestCase):
         status, _, body = http_request(self.port, "GET", "/healthz",
                                        headers={"X-Forwarded-For": "not-an-address"})
         self.assertEqual(status, 400, body)
-        SERVER_LOG.records.clear()
         http_request(self.port, "GET", "/healthz", headers={"X-Forwarded-For": "192.0.2.77"})
-        access = [r.getMessage() for r in SERVER_LOG.records if r.name == "sse_server.access"]
-        self.assertTrue(access and access[-1].startswith("192.0.2.77 - - ["), access)
+        # (a line is written just after its answer is sent: wait for it)
+        wait_until(lambda: any(r.getMessage().startswith('192.0.2.77 - - [') and
+                               '"GET /healthz HTTP/1.1" 200 ' in r.getMessage()
+                               for r in SERVER_LOG.records if r.name == "sse_server.access"),
+                   message="the forwarded client's access-log line")
 
 
 NGINX = shutil.which("nginx") or next(
@@ -3058,9 +3062,11 @@ class AccessLogTests(ServerTestCase):
                 if r.name == "sse_server.access" and r.levelno == logging.INFO]
 
     def test_one_line_per_request(self):
+        wait_until(lambda: not self.server.stats()["connections"], message="a quiet server")
         SERVER_LOG.records.clear()
         http_request(self.port, "GET", "/healthz")
         http_request(self.port, "GET", "/nope")
+        wait_until(lambda: len(self.access_lines()) == 2, message="two access-log lines")
         lines = self.access_lines()
         self.assertEqual([(m["host"], m["request"], m["status"], m["bytes"]) for m in lines],
                          [("127.0.0.1", "GET /healthz HTTP/1.1", "200", "3"),
