@@ -1724,6 +1724,27 @@ class StartupTests(ServerTestCase):
         self.assertEqual(body, content)
 
 
+class VerifyRequestTests(ServerTestCase):
+    def test_a_refused_peer_costs_no_thread_and_gets_no_answer(self):
+        seen = []
+
+        class Picky(SSEServer):
+            def verify_request(self, request, client_address):
+                seen.append(client_address[0])
+                return False
+
+        server = Picky(("127.0.0.1", 0))
+        thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+        thread.start()
+        self.addCleanup(thread.join, WAIT_S)
+        self.addCleanup(server.server_close)
+        self.addCleanup(server.shutdown)
+        answer = raw_exchange(server.server_address[1], b"GET /healthz HTTP/1.1\r\n\r\n")
+        self.assertEqual(answer, b"")
+        self.assertEqual(seen, ["127.0.0.1"])
+        self.assertEqual(server.stats()["connections"], 0)
+
+
 class MaxClientsTests(ServerTestCase):
     server_options = {"max_clients": 2}
 
@@ -2479,6 +2500,13 @@ class RedisTests(unittest.TestCase):
         status, _, answer = http_request(server.server_address[1], "POST",
                                          f"/publish?{query}", body)
         return status, json.loads(answer) if status == 200 else answer
+
+    def test_metrics_report_redis_health(self):
+        status, _, body = http_request(self.a.server_address[1], "GET", "/metrics")
+        self.assertEqual(status, 200)
+        self.assertIn(b"\nsse_redis_connected 1\n", body)
+        self.assertIn(b"\nsse_redis_reconnects_total 0\n", body)
+        self.assertNotIn(b"sse_events_retained", body)     # Redis keeps the history
 
     def test_events_from_either_instance_reach_both_in_one_order(self):
         on_a = self.subscribe(self.a, "topic=x&topic=y")
