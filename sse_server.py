@@ -1297,9 +1297,9 @@ class _HelperThread:
 class _TopicHistory:
     __slots__ = ("events", "evicted_through")
 
-    def __init__(self):
+    def __init__(self, evicted_through: int = 0):
         self.events: collections.deque = collections.deque()
-        self.evicted_through = 0    # highest seq of this topic no longer retained
+        self.evicted_through = evicted_through  # highest seq of this topic no longer retained
 
 
 class Broker:
@@ -1487,7 +1487,10 @@ class Broker:
         for topic in topics:
             history = self._history.get(topic)
             if history is None:
-                history = self._history[topic] = _TopicHistory()
+                # The topic may have had a history that max_topics forgot: which
+                # topics did is not kept (that would grow without bound), so a new
+                # history counts everything forgotten so far as evicted from it.
+                history = self._history[topic] = _TopicHistory(self._forgotten_through)
                 while len(self._history) > self.max_topics:
                     _, forgotten = self._history.popitem(last=False)
                     newest = forgotten.events[-1].seq if forgotten.events else 0

@@ -686,6 +686,58 @@ class BrokerTests(unittest.TestCase):
         _, replay = broker.subscribe(["b"], last_event_id=f"{broker.run_id}-1")
         self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
 
+    def test_a_topic_forgotten_by_max_topics_and_published_again_still_resets(self):
+        broker = Broker(max_topics=2)
+        a1 = broker.publish("a", "a1").id
+        broker.publish("a", "a2")
+        broker.publish("b", "b")
+        broker.publish("c", "c")        # forgets a's history
+        broker.publish("a", "a3")       # a starts a new one
+        _, replay = broker.subscribe(["a"], last_event_id=a1)
+        parser = EventStreamParser()
+        for frame in replay:
+            parser.feed(frame)
+        reset, event = parser.events
+        self.assertEqual((reset.type, json.loads(reset.data)["reason"]),
+                         ("reset", "history-exceeded"))      # a2 was missed: say so
+        self.assertEqual(event.data, "a3")
+
+    def test_no_silent_gap_while_topics_churn_through_max_topics(self):
+        """A follower of one topic comes and goes while other topics push its
+        history out: each replay either continues exactly where it left off
+        or starts with a reset; it never skips an event in silence."""
+        rng = random.Random(14)
+        broker = Broker(max_topics=8, history_size=50, queue_size=100_000)
+        published, got, last_id, resets = [], [], None, 0
+
+        def publish_watched(count, when):
+            for n in range(count):
+                published.append(f"{len(published)} {when}")
+                broker.publish("watched", published[-1])
+
+        for _ in range(400):
+            publish_watched(rng.randint(0, 2), "while away")
+            for _ in range(rng.randint(0, 12)):     # other topics churn
+                broker.publish(f"other-{rng.randint(0, 30)}", "x")
+            publish_watched(rng.randint(0, 2), "while away, later")
+            subscriber, replay = broker.subscribe(["watched"], last_event_id=last_id)
+            publish_watched(rng.randint(0, 2), "live")
+            parser = EventStreamParser()
+            for frame in replay + drain(subscriber):
+                parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
+            broker.unsubscribe(subscriber)
+            events = list(parser.events)
+            if events and events[0].type == "reset":
+                resets += 1
+                got = []            # start over from what the replay holds
+                events = events[1:]
+            got += [event.data for event in events]
+            if events:
+                last_id = events[-1].id
+            # What it holds is an unbroken run of what was published, up to now.
+            self.assertEqual(got, published[len(published) - len(got):])
+        self.assertGreater(resets, 0, "the churn never pushed the watched topic out")
+
     def test_history_ttl(self):
         now = [0.0]
         broker = Broker(history_ttl_s=10, clock=lambda: now[0])
