@@ -920,7 +920,8 @@ class SocketIO:
         self.turn = turn
         self.write_timeout_s = write_timeout_s
         self.tls = tls      # TLS: no direct writes from other threads, no send() flags
-        self.sent = 0       # bytes it wrote (a stream's direct writes: StreamSink), for the log
+        self.sent = 0       # bytes written through it, for the access log (publishers'
+                            # direct writes to a stream are counted by its StreamSink)
 
     def before_wait(self) -> None:
         """The connection is about to wait (for its client, its next request
