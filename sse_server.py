@@ -13,6 +13,7 @@ Endpoints
                                    or a raw UTF-8 body become one event
     GET  /healthz                  "ok"
     GET  /stats                    JSON counters
+    GET  /metrics                  the same for Prometheus (loopback, or --metrics-token)
     GET  /<file>                   files under static/ (index.html at /)
 
 Python API
