@@ -24,13 +24,11 @@ import json
 import os
 import platform
 import resource
-import shutil
 import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
