@@ -1961,6 +1961,12 @@ class _ClientGone(Exception):
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 _COMMON_WORDS = {word: word for word in ("GET", "HEAD", "POST", "OPTIONS", "HTTP/1.1", "HTTP/1.0")}
 _TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])access_token=)[^&\s\"]*")
+
+
+def redact_tokens(text: str) -> str:
+    """Text for the log: tokens in query strings (EventSource cannot send
+    headers, so they come there) never reach it."""
+    return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
@@ -2234,7 +2240,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             return      # skip the formatting: it costs every request
         now = time.monotonic()
         arrived = time.time() - (now - self._started)
-        request_line = json.dumps(_TOKEN_IN_QUERY.sub(r"\1[redacted]", self.requestline or ""),
+        request_line = json.dumps(redact_tokens(self.requestline or ""),
                                   ensure_ascii=True)      # quoted, escaped: no log injection
         access_logger.info("%s - - [%s] %s %s %s %.3fs%s", self.client_host,
                            time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(arrived)),
@@ -2243,9 +2249,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args) -> None:
         if not logger.isEnabledFor(logging.INFO):
             return      # skip the formatting
-        # Tokens in query strings (EventSource cannot send headers) never reach the log.
-        message = _TOKEN_IN_QUERY.sub(r"\1[redacted]", format % args)
-        logger.info("%s %s", self.address_string(), message)
+        logger.info("%s %s", self.address_string(), redact_tokens(format % args))
 
     def _bearer(self) -> Optional[str]:
         scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
@@ -2382,7 +2386,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         and proxies see a start), then the replay."""
         if access_logger.isEnabledFor(logging.DEBUG):   # its line comes when it ends
             access_logger.debug("%s stream started: %s", self.client_host,
-                                _TOKEN_IN_QUERY.sub(r"\1[redacted]", self.requestline))
+                                redact_tokens(self.requestline))
         sink.write(CONNECTED_COMMENT + format_retry(self.server.retry_ms), head=self._head(
             HTTPStatus.OK, [
                 ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
