@@ -95,7 +95,8 @@ __all__ = [
     "HTTPError", "format_event", "format_comment", "format_retry",
     "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
-    "RedisBroker", "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
+    "History", "MemoryHistory", "SQLiteHistory", "RedisHistory", "StoreError",
+    "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
 ]
 
 __version__ = "1.0"
@@ -133,6 +134,10 @@ STARTUP_WAIT_S = 0.05           # start a connection anyway after waiting this l
 ACCEPTS_PER_WAKEUP = 64         # connections taken from the backlog per wake-up of the accept loop
 HANGUP_CHECK_S = 1.0            # longest a hang-up goes unnoticed where the selector needs a re-poll
 SELECT_MAX_SOCKETS = 500        # streams watched where only select() exists (512 on Windows)
+STORE_CACHE_SIZE = 100          # events per topic of a --store also kept in memory, for replay
+STORE_RETRY_AFTER_S = 2         # Retry-After sent with 503 while the store cannot write
+STORE_CHECKPOINT_PAGES = 256    # the store's write-ahead log is folded into the file at this size
+STORE_WAL_LIMIT_BYTES = 1 << 20  # and cut back to this size afterwards
 
 # Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
 # is kept for patterns, and no '+', which a query string turns into a space).
@@ -160,6 +165,10 @@ try:
     import ssl
 except ImportError:     # a Python built without OpenSSL still serves plain HTTP
     ssl = None
+try:
+    import sqlite3
+except ImportError:     # some small builds leave it out; only --store needs it
+    sqlite3 = None
 
 # Where a non-blocking call stopped: for a plain socket BlockingIOError; a TLS
 # socket may need to read to write (or the other way round) for its records.
@@ -1204,27 +1213,28 @@ class Published(NamedTuple):
 
 
 class Subscriber(StreamSink):
-    """A StreamSink the broker has registered for `topics`. `since`: events
-    up to this seq came before it (or are in its replay)."""
+    """A StreamSink the broker has registered for `topics`."""
 
-    __slots__ = ("topics", "since")
+    __slots__ = ("topics",)
 
     def __init__(self, topics: Iterable[str], io: Optional[SocketIO] = None, *,
                  chunked: bool = True):
         super().__init__(io, chunked=chunked)
         self.topics = validate_topics(topics)
-        self.since = 0
 
 
 class _Event:
-    __slots__ = ("seq", "frame", "topics", "created", "reached")
+    __slots__ = ("seq", "id", "frame", "topics", "created", "reached", "refused")
 
-    def __init__(self, seq: int, frame: bytes, created: float, topics: tuple[str, ...] = ()):
-        self.seq = seq
+    def __init__(self, seq: int, id: Optional[str], frame: bytes, created: float,
+                 topics: tuple[str, ...] = ()):
+        self.seq = seq              # the broker's order (in a local history, the id's number)
+        self.id = id                # None for a notice that is not an event (a reset)
         self.frame = frame          # the event's bytes (kept in history)
         self.topics = topics
         self.created = created
         self.reached = 0
+        self.refused: Optional[ServiceUnavailable] = None   # why its history could not keep it
 
 
 DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -1296,50 +1306,46 @@ class _HelperThread:
             self._thread = None
 
 
-class _TopicHistory:
-    __slots__ = ("events", "evicted_through")
-
-    def __init__(self, evicted_through: int = 0):
-        self.events: collections.deque = collections.deque()
-        self.evicted_through = evicted_through  # highest seq of this topic no longer retained
-
-
 class Broker:
-    """Thread-safe topic registry with per-topic history for replay.
+    """Thread-safe topic registry, in front of a History (see there).
 
     Publishers never wait for subscribers: an idle subscriber is written to
     directly, a busy one gets the bytes in its queue, and a subscriber with
     `queue_size` writes still waiting is dropped (its client reconnects and
-    catches up from history with Last-Event-ID)."""
+    catches up from history with Last-Event-ID). Without `history`, events
+    are kept in memory (MemoryHistory with the history_* and max_topics
+    settings)."""
 
     def __init__(self, *, queue_size: int = QUEUE_SIZE, history_size: int = HISTORY_SIZE,
                  history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
-                 max_subscribers: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic):
+                 max_subscribers: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
+                 history: Optional[History] = None):
         self.queue_size = queue_size
-        self.history_size = history_size
-        self.history_ttl_s = history_ttl_s
-        self.max_topics = max_topics
         self.max_subscribers = max_subscribers
-        self.run_id = secrets.token_hex(4)
+        self.history = history or MemoryHistory(history_size=history_size,
+                                                history_ttl_s=history_ttl_s,
+                                                max_topics=max_topics, clock=clock)
         self._clock = clock
         self._started = clock()
         self.start_time_s = time.time()
         # Locking rule: _lock guards every attribute below. publish() assigns
-        # the id, records history and queues the event for fan-out while
-        # holding it, and subscribe() takes its history snapshot and registers
-        # (noting `since`) under it too, so replay has no gap and no duplicate.
-        # The fan-out itself writes outside the lock, one leader at a time
+        # the id and queues the event for fan-out under it; the fan-out leader
+        # has the history keep a batch (outside the lock), then, under it,
+        # moves _last_id past the batch and works out who gets it; subscribe()
+        # registers and notes _last_id under it too. So a subscriber gets each
+        # event exactly once: live if it was registered before the batch was
+        # shared out, else in its replay (up to the _last_id it noted).
+        # The writes happen outside the lock, one leader at a time
         # (_flushing), in seq order; see _flush_locked.
         self._lock = threading.Lock()
-        self._seq = 0
+        self._last_id = self.history.last_id    # newest event handed out (or kept at start)
+        self._seq = parse_event_id(self._last_id, self.history.run_id) or 0
         self._subscribers_by_topic: dict[str, set[Subscriber]] = {}
         self._subscriber_count = 0
-        self._history: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
-        self._forgotten_through = 0     # highest seq of a topic history dropped by max_topics
         self._closed = False
         self._pending: list[_Event] = []   # published, not yet handed out
         self._flushing = False              # a leader is writing a batch
-        self._flushed_seq = 0               # every event up to this seq is out
+        self._flushed_seq = self._seq       # every event up to this seq is out
         self._flushed = threading.Condition(self._lock)
         self._helper = _HelperThread("fan-out")    # used by the leader only
         self.events_published = 0
@@ -1349,6 +1355,11 @@ class Broker:
         # subscriber's socket and queued it for the busy ones.
         self.delivery_seconds = Histogram(DELIVERY_BUCKETS_S)
         self.subscriptions_total = 0
+        self.history.start(self.hand_out)
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self.history.run_id
 
     # Publishing
 
@@ -1356,25 +1367,44 @@ class Broker:
                 retry: Optional[int] = None) -> Published:
         """Send one event to every subscriber of `topics` (a name or a list).
 
-        Returns (id, subscribers reached). Never blocks on a client."""
+        Returns (id, subscribers reached). Never blocks on a client; waits
+        for the history to keep the event (with --store, a sync to disk)
+        and raises ServiceUnavailable if it cannot."""
         topic_list, text = _prepare_event(topics, data, event, retry)
+        if self.history.shared:     # it numbers the event and hands it back to us
+            event_id = self.history.add(topic_list, text, event, retry)
+            with self._lock:
+                return Published(event_id, len(self._subscribers_of_locked(topic_list)))
         with self._lock:
             self._seq += 1
-            event_id = format_event_id(self.run_id, self._seq)
-            frame = _encode_event(text, event, event_id, retry)
-            item = _Event(self._seq, frame, self._clock(), topic_list)
-            self._remember(topic_list, item)
+            event_id = format_event_id(self.history.run_id, self._seq)
+            item = _Event(self._seq, event_id, _encode_event(text, event, event_id, retry),
+                          self._clock(), topic_list)
             self._pending.append(item)
             self._flush_locked(item.seq)
+        if item.refused:
+            raise item.refused
         return Published(event_id, item.reached)
 
+    def hand_out(self, entries: Iterable[tuple[Optional[str], bytes, Optional[tuple]]]) -> None:
+        """Fan out (id, frame, topics) that a shared history has kept, in its
+        order, whoever published them. Topics None: every subscriber (a
+        notice with no id, such as a reset)."""
+        with self._lock:
+            for event_id, frame, topics in entries:
+                if topics is None:
+                    topics = tuple(self._subscribers_by_topic)
+                self._seq += 1
+                self._pending.append(_Event(self._seq, event_id, frame, self._clock(), topics))
+            self._flush_locked(self._seq)
+
     # Fan-out by group commit: events wait in _pending; one publisher at a
-    # time (the leader) takes all of them and writes each subscriber's share
-    # with one write, outside the broker lock, then wakes the publishers whose
-    # events it sent. A publisher leads at most until its own event is out.
-    # Leaders take turns in seq order, so every stream stays in id order; a
-    # subscriber registered after an event was queued skips it (`since`),
-    # because that event is in its replay or came before it.
+    # time (the leader) takes all of them, has the history keep them (one
+    # transaction, one sync, for the whole batch), and writes each
+    # subscriber's share with one write, outside the broker lock, then wakes
+    # the publishers whose events it sent. A publisher leads at most until
+    # its own event is out. Leaders take turns in seq order, so every stream
+    # stays in id order.
 
     def _flush_locked(self, seq: int) -> None:
         """Return once event `seq` was handed out (called with _lock held)."""
@@ -1384,31 +1414,47 @@ class Broker:
                 continue
             self._flushing = True
             batch, self._pending = self._pending, []
-            shares = self._shares_locked(batch)
-            self._lock.release()
+            dropped: list[Subscriber] = []
             try:
-                dropped = self._write_shares(shares)
+                if self._keep_locked(batch):
+                    self._last_id = next(
+                        (item.id for item in reversed(batch) if item.id), self._last_id)
+                    shares = self._shares_locked(batch)
+                    self._lock.release()
+                    try:
+                        dropped = self._write_shares(shares)
+                    finally:
+                        self._lock.acquire()
             finally:
                 written = self._clock()
-                self._lock.acquire()
                 self._flushing = False
                 self._flushed_seq = batch[-1].seq
                 self._flushed.notify_all()
             for subscriber in dropped:
                 self._remove_locked(subscriber)
             for item in batch:
-                self.events_delivered += item.reached
-                self.delivery_seconds.observe(written - item.created)
-            self.events_published += len(batch)
+                if item.id and not item.refused:
+                    self.events_published += 1
+                    self.events_delivered += item.reached
+                    self.delivery_seconds.observe(written - item.created)
             if dropped:
                 self.clients_dropped["slow"] += len(dropped)
 
-    def _hand_out_locked(self, frame: bytes, topics: tuple[str, ...], wait: bool = True) -> None:
-        """Queue a ready frame for fan-out under the next local seq (Redis mode)."""
-        self._seq += 1
-        self._pending.append(_Event(self._seq, frame, self._clock(), topics))
-        if wait:
-            self._flush_locked(self._seq)
+    def _keep_locked(self, batch: list[_Event]) -> bool:
+        """Have the history keep the batch, outside the lock (it may write to
+        disk). False if it could not: then nobody sees the batch."""
+        if self.history.shared:     # it kept them before handing them out
+            return True
+        self._lock.release()
+        try:
+            self.history.append(batch)
+            return True
+        except ServiceUnavailable as error:
+            for item in batch:
+                item.refused = error
+            return False
+        finally:
+            self._lock.acquire()
 
     def _shares_locked(self, batch: list[_Event]) -> list[tuple[list[Subscriber], list[_Event]]]:
         """Group the batch by who gets what: [(subscribers, their events)]."""
@@ -1443,74 +1489,32 @@ class Broker:
             payload = Payload(b"".join([item.frame for item in events]), len(events))
             if len(subscribers) >= FAN_OUT_SPLIT_SUBSCRIBERS:
                 half = len(subscribers) // 2
-                self._helper.start(self._write_share, subscribers[half:], events, payload)
-                reached, mine_dropped = self._write_share(subscribers[:half], events, payload)
+                self._helper.start(self._write_share, subscribers[half:], payload)
+                reached, mine_dropped = self._write_share(subscribers[:half], payload)
                 more_reached, more_dropped = self._helper.result()
-                reached = [a + b for a, b in zip(reached, more_reached)]
+                reached += more_reached
                 mine_dropped += more_dropped
             else:
-                reached, mine_dropped = self._write_share(subscribers, events, payload)
-            for item, count in zip(events, reached):
-                item.reached += count
+                reached, mine_dropped = self._write_share(subscribers, payload)
+            for item in events:
+                item.reached += reached
             dropped += mine_dropped
         return dropped
 
-    def _write_share(self, subscribers: list[Subscriber], events: list[_Event],
-                     payload: Payload) -> tuple[list[int], list[Subscriber]]:
-        """Returns how many subscribers each event reached, and who was dropped."""
-        reached = [0] * len(events)
-        everyone = 0        # subscribers that took every event of the share
+    def _write_share(self, subscribers: list[Subscriber],
+                     payload: Payload) -> tuple[int, list[Subscriber]]:
+        """Returns how many subscribers took the payload, and who was dropped."""
+        reached = 0
         dropped = []
-        first = events[0].seq
         for subscriber in subscribers:
-            if subscriber.since >= first:   # registered meanwhile: only later events
-                mine = [i for i, item in enumerate(events) if item.seq > subscriber.since]
-                if not mine:
-                    continue
-                outcome = subscriber.deliver(
-                    Payload(b"".join([events[i].frame for i in mine]), len(mine)),
-                    self.queue_size)
-            else:
-                mine = None
-                outcome = subscriber.deliver(payload, self.queue_size)
+            outcome = subscriber.deliver(payload, self.queue_size)
             if outcome:
-                if mine is None:
-                    everyone += 1
-                else:
-                    for i in mine:
-                        reached[i] += 1
+                reached += 1
             elif outcome is False:
                 dropped.append(subscriber)
                 logger.warning("dropped a slow subscriber of %s: %d writes waiting",
                                ",".join(subscriber.topics), self.queue_size)
-        return [count + everyone for count in reached], dropped
-
-    def _remember(self, topics: list[str], event: _Event) -> None:
-        for topic in topics:
-            history = self._history.get(topic)
-            if history is None:
-                # The topic may have had a history that max_topics forgot: which
-                # topics did is not kept (that would grow without bound), so a new
-                # history counts everything forgotten so far as evicted from it.
-                history = self._history[topic] = _TopicHistory(self._forgotten_through)
-                while len(self._history) > self.max_topics:
-                    _, forgotten = self._history.popitem(last=False)
-                    newest = forgotten.events[-1].seq if forgotten.events else 0
-                    self._forgotten_through = max(self._forgotten_through,
-                                                  forgotten.evicted_through, newest)
-            else:
-                self._history.move_to_end(topic)
-            history.events.append(event)
-            if len(history.events) > self.history_size:
-                history.evicted_through = history.events.popleft().seq
-            self._expire(history)
-
-    def _expire(self, history: _TopicHistory) -> None:
-        if self.history_ttl_s is None:
-            return
-        cutoff = self._clock() - self.history_ttl_s
-        while history.events and history.events[0].created < cutoff:
-            history.evicted_through = history.events.popleft().seq
+        return reached, dropped
 
     # Subscribing
 
@@ -1524,12 +1528,20 @@ class Broker:
         With `last_event_id`, the replay holds every retained event of these
         topics after that id, oldest first; if events may have been missed
         (foreign id, or history no longer reaching back that far) it starts
-        with a `reset` event that says why."""
+        with a `reset` event that says why. The history is read outside the
+        lock (it may be a file or Redis): events handed out after the
+        registration reach the subscriber live, so the replay stops before them."""
         subscriber = Subscriber(topics, io, chunked=chunked)
         with self._lock:
             self._register_locked(subscriber)
-            replay = self._replay_locked(subscriber.topics, last_event_id) if last_event_id else []
-        return subscriber, replay
+            upto = self._last_id
+        if not last_event_id:
+            return subscriber, []
+        try:
+            return subscriber, self.history.replay(subscriber.topics, last_event_id, upto)
+        except ServiceUnavailable:
+            self.unsubscribe(subscriber)
+            raise
 
     def _register_locked(self, subscriber: Subscriber) -> None:
         if self._closed:
@@ -1541,29 +1553,6 @@ class Broker:
             self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
         self._subscriber_count += 1
         self.subscriptions_total += 1
-        subscriber.since = self._seq
-
-    def _replay_locked(self, topics: tuple[str, ...], last_event_id: str) -> list[bytes]:
-        after = parse_event_id(last_event_id, self.run_id)
-        reason = None
-        if after is None or after > self._seq:
-            reason, after = "unknown-id", 0
-        events: dict[int, _Event] = {}
-        for topic in topics:
-            history = self._history.get(topic)
-            if history is not None:
-                self._expire(history)
-            evicted_through = history.evicted_through if history else self._forgotten_through
-            if reason is None and evicted_through > after:
-                reason = "history-exceeded"
-            for event in reversed(history.events if history else ()):
-                if event.seq <= after:
-                    break
-                events[event.seq] = event
-        frames = [events[seq].frame for seq in sorted(events)]
-        if reason:
-            frames.insert(0, format_reset_event(reason, last_event_id))
-        return frames
 
     def count_dropped(self, reason: str) -> None:
         """Count a subscriber its connection dropped ("write_timeout",
@@ -1588,7 +1577,8 @@ class Broker:
             self._subscriber_count -= 1
 
     def close(self) -> list[Subscriber]:
-        """Refuse new subscribers and tell every stream to end. Returns them."""
+        """Refuse new subscribers, tell every stream to end, and close the
+        history. Returns the subscribers."""
         with self._lock:
             self._closed = True
             subscribers = set()
@@ -1602,13 +1592,14 @@ class Broker:
             while self._flushing:
                 self._flushed.wait()
         self._helper.close()
+        self.history.close()
         return list(subscribers)
 
     # Introspection
 
     def health(self) -> tuple[bool, str]:
         """(healthy, reason) for /healthz."""
-        return True, "ok"
+        return self.history.health()
 
     @property
     def subscriber_count(self) -> int:
@@ -1617,25 +1608,26 @@ class Broker:
 
     def stats(self) -> dict:
         with self._lock:
-            return {
+            stats = {
                 "subscribers": self._subscriber_count,
                 "topics": len(self._subscribers_by_topic),
-                "topics_with_history": len(self._history),
-                "events_retained": sum(len(h.events) for h in self._history.values()),
                 "events_published": self.events_published,
                 "events_delivered": self.events_delivered,
                 "clients_dropped": sum(self.clients_dropped.values()),
                 "clients_dropped_by_reason": dict(self.clients_dropped),
                 "subscriptions_total": self.subscriptions_total,
-                "last_event_id": format_event_id(self.run_id, self._seq) if self._seq else None,
-                "run_id": self.run_id,
+                "last_event_id": self._last_id,
                 "uptime_s": round(self._clock() - self._started, 3),
                 "start_time_s": round(self.start_time_s, 3),
                 "delivery_seconds": {"buckets": self.delivery_seconds.cumulative(),
                                      "sum": self.delivery_seconds.sum,
                                      "count": self.delivery_seconds.count},
             }
+        stats.update(self.history.stats())      # outside the lock: it may read a file
+        return stats
 
+
+# --- History: where events are kept for replay --------------------------------------------
 
 RESET_MESSAGES = {
     "unknown-id": "Last-Event-ID is not from this server run; replaying all retained events",
@@ -1648,6 +1640,453 @@ def format_reset_event(reason: str, last_event_id: str) -> bytes:
     It carries no id, so the client's last event id is left as it was."""
     data = {"reason": reason, "lastEventId": last_event_id, "message": RESET_MESSAGES[reason]}
     return format_event(json.dumps(data, ensure_ascii=False), event="reset")
+
+
+def _replay_bounds(last_event_id: str, upto: Optional[str],
+                   run_id: str) -> tuple[int, int, Optional[str]]:
+    """A replay's range as seqs of this run, after < seq <= upto, and
+    "unknown-id" if last_event_id is not in it (then everything kept is
+    replayed: the client's id means nothing here)."""
+    limit = parse_event_id(upto, run_id) or 0
+    after = parse_event_id(last_event_id, run_id)
+    if after is None or after > limit:
+        return 0, limit, "unknown-id"
+    return after, limit, None
+
+
+def _with_reset(reason: Optional[str], last_event_id: str, frames: list[bytes]) -> list[bytes]:
+    return [format_reset_event(reason, last_event_id), *frames] if reason else frames
+
+
+class History:
+    """The seam between the broker and where events are kept, so that the
+    registry and the fan-out are the same whatever keeps them:
+    MemoryHistory (the default), SQLiteHistory (--store, across restarts)
+    and RedisHistory (--redis, shared by several instances).
+
+    The broker's side of the contract:
+    - `run_id` and `last_id` are read once, at start: the prefix of this
+      history's ids, and the id of the newest event it kept before (None if
+      none), from which the numbering continues.
+    - start(hand_out) is called once the broker exists.
+    - append(batch) is called by the fan-out leader with events in seq
+      order, outside the broker's lock, before any subscriber sees them.
+      When it returns they are kept (by the store: synced to disk). If they
+      cannot be, it raises ServiceUnavailable, and nobody sees them.
+    - replay(topics, last_event_id, upto) is called by subscribe(), outside
+      the broker's lock: the frames of kept events of `topics` after
+      last_event_id up to `upto` (the newest event handed out when the
+      subscriber was registered; None: none since start), oldest first,
+      after a `reset` event if some may be missing.
+    - A shared history (`shared`) numbers events itself: publish() calls
+      add() instead of queueing, and the history gives every event back,
+      whichever instance published it, through hand_out() in its order.
+    None of these is called with the broker's lock held, so disk and
+    network I/O never stalls the registry."""
+
+    shared = False
+    run_id: Optional[str] = None
+    last_id: Optional[str] = None
+
+    def start(self, hand_out: Callable) -> None:
+        pass
+
+    def append(self, batch: list[_Event]) -> None:
+        raise NotImplementedError
+
+    def add(self, topics: Topics, text: str, event: Optional[str],
+            retry: Optional[int]) -> str:
+        raise NotImplementedError
+
+    def replay(self, topics: tuple[str, ...], last_event_id: str,
+               upto: Optional[str]) -> list[bytes]:
+        raise NotImplementedError
+
+    def stats(self) -> dict:
+        return {}
+
+    def health(self) -> tuple[bool, str]:
+        return True, "ok"
+
+    def close(self) -> None:
+        pass
+
+
+class _TopicHistory:
+    __slots__ = ("events", "evicted_through")
+
+    def __init__(self, evicted_through: int = 0):
+        self.events: collections.deque = collections.deque()
+        self.evicted_through = evicted_through  # highest seq of this topic no longer retained
+
+
+class MemoryHistory(History):
+    """The newest `history_size` events of each topic, in memory, for the
+    `max_topics` topics published to most recently, none older than
+    `history_ttl_s`. Gone when the process ends. SQLiteHistory keeps one in
+    front of its file as a cache, whose `kept_through` is the newest seq the
+    file held before the cache started."""
+
+    def __init__(self, *, history_size: int = HISTORY_SIZE,
+                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
+                 clock: Callable[[], float] = time.monotonic, run_id: Optional[str] = None,
+                 kept_through: int = 0):
+        self.history_size = history_size
+        self.history_ttl_s = history_ttl_s
+        self.max_topics = max_topics
+        self.run_id = run_id or secrets.token_hex(4)
+        self._clock = clock
+        # Locking rule: _lock guards the two below; it is held for no I/O.
+        self._lock = threading.Lock()
+        self._topics: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
+        # Highest seq of any topic history dropped by max_topics (or kept before).
+        self._forgotten_through = kept_through
+
+    def append(self, batch: list[_Event]) -> None:
+        with self._lock:
+            for item in batch:
+                self._remember(item)
+
+    def _remember(self, event: _Event) -> None:
+        for topic in event.topics:
+            history = self._topics.get(topic)
+            if history is None:
+                # The topic may have had a history that max_topics forgot: which
+                # topics did is not kept (that would grow without bound), so a new
+                # history counts everything forgotten so far as evicted from it.
+                history = self._topics[topic] = _TopicHistory(self._forgotten_through)
+                while len(self._topics) > self.max_topics:
+                    _, forgotten = self._topics.popitem(last=False)
+                    newest = forgotten.events[-1].seq if forgotten.events else 0
+                    self._forgotten_through = max(self._forgotten_through,
+                                                  forgotten.evicted_through, newest)
+            else:
+                self._topics.move_to_end(topic)
+            history.events.append(event)
+            if len(history.events) > self.history_size:
+                history.evicted_through = history.events.popleft().seq
+            self._expire(history)
+
+    def _expire(self, history: _TopicHistory) -> None:
+        if self.history_ttl_s is None:
+            return
+        cutoff = self._clock() - self.history_ttl_s
+        while history.events and history.events[0].created < cutoff:
+            history.evicted_through = history.events.popleft().seq
+
+    def replay(self, topics: tuple[str, ...], last_event_id: str,
+               upto: Optional[str]) -> list[bytes]:
+        after, limit, reason = _replay_bounds(last_event_id, upto, self.run_id)
+        complete, frames = self.events_between(topics, after, limit)
+        return _with_reset(reason or (None if complete else "history-exceeded"),
+                           last_event_id, frames)
+
+    def events_between(self, topics: tuple[str, ...], after: int,
+                       upto: int) -> tuple[bool, list[bytes]]:
+        """The frames of the kept events of `topics` with after < seq <= upto,
+        oldest first, and whether that is all of them (none was evicted)."""
+        events: dict[int, bytes] = {}
+        complete = True
+        with self._lock:
+            for topic in topics:
+                history = self._topics.get(topic)
+                if history is None:
+                    complete = complete and self._forgotten_through <= after
+                    continue
+                self._expire(history)
+                complete = complete and history.evicted_through <= after
+                for event in reversed(history.events):
+                    if event.seq <= after:
+                        break
+                    if event.seq <= upto:
+                        events[event.seq] = event.frame
+        return complete, [events[seq] for seq in sorted(events)]
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"run_id": self.run_id, "topics_with_history": len(self._topics),
+                    "events_retained": sum(len(h.events) for h in self._topics.values())}
+
+
+# --- Store: the history in an SQLite file (--store), kept across restarts ----------------
+
+STORE_FORMAT = "1"              # the layout of the file, kept in it
+STORE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    # One row per topic with history: what was evicted from it, and when it
+    # was last published to (--max-topics forgets the least recent first).
+    "CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, "
+    "evicted_through INTEGER NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
+    "CREATE INDEX IF NOT EXISTS topics_by_use ON topics (last_seq)",
+    # One row per event and topic (an event on two topics has two): its bytes
+    # on the wire, id included, and when it was kept (Unix time, for the TTL).
+    "CREATE TABLE IF NOT EXISTS events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
+    "created REAL NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (topic, seq)) WITHOUT ROWID",
+)
+
+
+class StoreError(Exception):
+    """A --store file that cannot be used; the message is one line for the user."""
+
+
+class SQLiteHistory(History):
+    """The history and the id sequence in an SQLite file, so that a restart
+    (an upgrade, a crash, a power cut) forgets nothing that was acknowledged
+    and a client resumes with its Last-Event-ID as if nothing had happened.
+
+    - Durable: append() returns after its transaction is committed and synced
+      (write-ahead log, synchronous=FULL), one transaction per fan-out batch,
+      so concurrent publishers share one sync.
+    - One server per file: the connection holds SQLite's exclusive lock from
+      start to close (locking_mode=EXCLUSIVE); a second server is refused.
+    - Bounded as the memory history is: history_size per topic, the TTL and
+      max_topics; old rows are deleted in the transaction that adds new ones,
+      and SQLite reuses their pages, so the file stays about the size of what
+      is retained.
+    - Fast replay: the newest `cache_size` events of each topic are also kept
+      in memory (a MemoryHistory); a replay they cover never reads the file.
+    - A failing disk (full, read-only, I/O error) makes append() raise
+      ServiceUnavailable (publishers get 503), logged once; the next append
+      that works ends it."""
+
+    def __init__(self, path: str, *, history_size: int = HISTORY_SIZE,
+                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
+                 cache_size: int = STORE_CACHE_SIZE, clock: Callable[[], float] = time.time):
+        self.path = path
+        self.history_size = history_size
+        self.history_ttl_s = history_ttl_s
+        self.max_topics = max_topics
+        self._clock = clock         # Unix time: `created` must mean the same after a restart
+        # Locking rule: _lock guards the connection (one statement at a time)
+        # and every attribute below; it is never held with the broker's lock.
+        self._lock = threading.Lock()
+        self._db = self._open(path)
+        try:
+            last_seq = self._load()
+        except BaseException:
+            self._db.close()
+            raise
+        self.last_id = format_event_id(self.run_id, last_seq) if last_seq else None
+        self.error: Optional[str] = None    # why the last append failed; None once one works
+        self.commits = 0
+        self.commit_seconds = 0.0
+        self._cache = MemoryHistory(history_size=min(history_size, cache_size),
+                                    history_ttl_s=history_ttl_s, max_topics=max_topics,
+                                    run_id=self.run_id, kept_through=last_seq)
+
+    @staticmethod
+    def _open(path: str):
+        if sqlite3 is None:
+            raise StoreError("this Python was built without the sqlite3 module, which --store needs")
+        if os.path.isdir(path):
+            raise StoreError(f"{path} is a directory; give a file name such as "
+                             f"{os.path.join(path, 'events.db')}")
+        try:
+            db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot open {path}: {error}") from None
+        try:
+            # Exclusive: the lock taken by the first write below is held until
+            # close(), so a second server on this file is refused at start.
+            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
+                raise StoreError(f"{path}: SQLite cannot keep a write-ahead log here")
+            # FULL: a commit is on disk when it returns. (NORMAL, in WAL mode,
+            # survives a crash of the process but can lose the last commits to
+            # a power cut.)
+            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA wal_autocheckpoint={STORE_CHECKPOINT_PAGES}")
+            db.execute(f"PRAGMA journal_size_limit={STORE_WAL_LIMIT_BYTES}")
+            db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as error:
+            db.close()
+            if "locked" in str(error):
+                raise StoreError(f"{path} is in use by another server (one server per "
+                                 "file; several instances share events with --redis)") from None
+            raise StoreError(f"cannot use {path}: {error}") from None
+        except sqlite3.DatabaseError as error:
+            db.close()
+            raise StoreError(f"{path} is not an SQLite database ({error})") from None
+        except BaseException:
+            db.close()
+            raise
+        return db
+
+    def _load(self) -> int:
+        """Create the tables if new, read the run id and counters; returns the
+        newest seq kept. The transaction was begun by _open."""
+        db = self._db
+        try:
+            for statement in STORE_SCHEMA:
+                db.execute(statement)
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if not meta:
+                meta = {"format": STORE_FORMAT, "run_id": secrets.token_hex(4),
+                        "last_seq": "0", "forgotten_through": "0"}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            if meta.get("format") != STORE_FORMAT:
+                raise StoreError(f"{self.path} was written in another format "
+                                 f"({meta.get('format')!r}, this server reads {STORE_FORMAT!r})")
+            db.execute("COMMIT")
+            self._topic_count = db.execute("SELECT COUNT(*) FROM topics").fetchone()[0]
+            self._retained = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+        except sqlite3.Error as error:
+            raise StoreError(f"cannot use {self.path}: {error}") from None
+        self.run_id = meta["run_id"]
+        self._forgotten_through = int(meta["forgotten_through"])
+        return int(meta["last_seq"])
+
+    def append(self, batch: list[_Event]) -> None:
+        now = self._clock()
+        rows = [(topic, item.seq, now, item.frame) for item in batch for topic in item.topics]
+        newest: dict[str, int] = {}     # topic: its newest seq in the batch
+        for item in batch:
+            for topic in item.topics:
+                newest[topic] = item.seq
+        with self._lock:
+            started = time.monotonic()
+            try:
+                self._write(rows, newest, batch[-1].seq, now)
+            except sqlite3.Error as error:
+                self._rollback()
+                if self.error is None:
+                    logger.error("event store %s failed: %s; publishing answers 503 until "
+                                 "it works again", self.path, error)
+                self.error = str(error)
+                raise ServiceUnavailable(f"the event store cannot keep events: {error}",
+                                         retry_after_s=STORE_RETRY_AFTER_S) from None
+            self.commits += 1
+            self.commit_seconds += time.monotonic() - started
+            if self.error is not None:
+                logger.warning("event store %s works again", self.path)
+                self.error = None
+        self._cache.append(batch)
+
+    def _write(self, rows: list[tuple], newest: dict[str, int], last_seq: int,
+               now: float) -> None:
+        """One transaction: the new rows, the bounds, the counters."""
+        db = self._db
+        if db.in_transaction:       # a rollback that failed earlier
+            db.execute("ROLLBACK")
+        db.execute("BEGIN IMMEDIATE")
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
+        topic_count, forgotten, retained = (self._topic_count, self._forgotten_through,
+                                            self._retained + len(rows))
+        for topic, seq in newest.items():
+            if db.execute("UPDATE topics SET last_seq = ? WHERE topic = ?",
+                          (seq, topic)).rowcount == 0:
+                # As in memory: a new topic's history counts everything that
+                # max_topics forgot so far as evicted from it.
+                db.execute("INSERT INTO topics VALUES (?, ?, ?)", (topic, forgotten, seq))
+                topic_count += 1
+            retained -= self._trim(topic, now)
+        while topic_count > self.max_topics:
+            topic, evicted, last = db.execute(
+                "SELECT topic, evicted_through, last_seq FROM topics "
+                "ORDER BY last_seq LIMIT 1").fetchone()
+            retained -= db.execute("DELETE FROM events WHERE topic = ?", (topic,)).rowcount
+            db.execute("DELETE FROM topics WHERE topic = ?", (topic,))
+            forgotten = max(forgotten, evicted, last)
+            topic_count -= 1
+        db.executemany("UPDATE meta SET value = ? WHERE key = ?",
+                       [(str(last_seq), "last_seq"), (str(forgotten), "forgotten_through")])
+        db.execute("COMMIT")
+        self._topic_count, self._forgotten_through, self._retained = (topic_count, forgotten,
+                                                                      retained)
+
+    def _trim(self, topic: str, now: float) -> int:
+        """Delete what history_size and the TTL no longer keep of `topic`.
+        Returns how many rows went."""
+        db = self._db
+        over = db.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq DESC "
+                          "LIMIT 1 OFFSET ?", (topic, self.history_size)).fetchone()
+        cut = over[0] if over else 0
+        if self.history_ttl_s is not None:
+            expired = db.execute("SELECT MAX(seq) FROM events WHERE topic = ? AND created < ?",
+                                 (topic, now - self.history_ttl_s)).fetchone()[0]
+            cut = max(cut, expired or 0)
+        if not cut:
+            return 0
+        db.execute("UPDATE topics SET evicted_through = MAX(evicted_through, ?) "
+                   "WHERE topic = ?", (cut, topic))
+        return db.execute("DELETE FROM events WHERE topic = ? AND seq <= ?",
+                          (topic, cut)).rowcount
+
+    def _rollback(self) -> None:
+        try:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+        except sqlite3.Error:   # the next _write tries again
+            pass
+
+    def replay(self, topics: tuple[str, ...], last_event_id: str,
+               upto: Optional[str]) -> list[bytes]:
+        after, limit, reason = _replay_bounds(last_event_id, upto, self.run_id)
+        # The cache keeps no more than the file, so where it is complete the
+        # file has nothing more; only a client further behind costs a read.
+        complete, frames = self._cache.events_between(topics, after, limit)
+        if not complete:
+            complete, frames = self._read(topics, after, limit)
+        return _with_reset(reason or (None if complete else "history-exceeded"),
+                           last_event_id, frames)
+
+    def _read(self, topics: tuple[str, ...], after: int, upto: int) -> tuple[bool, list[bytes]]:
+        """As MemoryHistory.events_between, from the file."""
+        marks = ",".join("?" * len(topics))
+        where = f"topic IN ({marks}) AND seq > ? AND seq <= ?"
+        params = [*topics, after, upto]
+        with self._lock:
+            try:
+                db = self._db
+                evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
+                                          f"WHERE topic IN ({marks})", topics))
+                gone = max(evicted.get(topic, self._forgotten_through) for topic in topics)
+                if self.history_ttl_s is not None:
+                    cutoff = self._clock() - self.history_ttl_s
+                    expired = db.execute(f"SELECT MAX(seq) FROM events WHERE {where} "
+                                         f"AND created < ?", [*params, cutoff]).fetchone()[0]
+                    gone = max(gone, expired or 0)
+                    where += " AND created >= ?"
+                    params.append(cutoff)
+                rows = db.execute(f"SELECT seq, frame FROM events WHERE {where} ORDER BY seq",
+                                  params).fetchall()
+            except sqlite3.Error as error:
+                logger.warning("event store %s: replay failed: %s", self.path, error)
+                raise ServiceUnavailable(f"the event store cannot be read: {error}",
+                                         retry_after_s=STORE_RETRY_AFTER_S) from None
+        frames = dict(rows)     # an event on two of these topics is there twice
+        return gone <= after, list(frames.values())
+
+    def stats(self) -> dict:
+        cached = self._cache.stats()["events_retained"]
+        with self._lock:
+            return {"run_id": self.run_id, "topics_with_history": self._topic_count,
+                    "events_retained": self._retained,
+                    "store": {"path": self.path, "size_bytes": self.size_bytes(),
+                              "events_retained": self._retained, "events_cached": cached,
+                              "commits": self.commits,
+                              "commit_seconds": round(self.commit_seconds, 6),
+                              "error": self.error}}
+
+    def size_bytes(self) -> int:
+        """The file and its write-ahead log, on disk."""
+        size = 0
+        for name in (self.path, self.path + "-wal"):
+            try:
+                size += os.path.getsize(name)
+            except OSError:
+                pass
+        return size
+
+    def health(self) -> tuple[bool, str]:
+        with self._lock:
+            if self.error is None:
+                return True, "ok"
+            return False, f"degraded: the event store cannot keep events ({self.error})"
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()      # the last connection: SQLite checkpoints the log into the file
 
 
 # --- Metrics: the Prometheus text exposition of server.stats() --------------------------
@@ -1733,80 +2172,76 @@ def redact_url(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
-class RedisBroker(Broker):
-    """A Broker whose events pass through one Redis Stream.
+class RedisHistory(History):
+    """--redis: the history is one Redis Stream that several instances share.
 
-    publish() appends with XADD (trimmed to about history_size entries); the
+    add() appends with XADD (trimmed to about history_size entries); the
     stream id is the event id, global and ordered across instances. One
     reader thread per instance follows the stream with XREAD and hands each
-    entry to the local fan-out, so local delivery is as fast as in memory.
-    Replay reads the stream with XRANGE up to the last entry the reader has
-    delivered, noted under the same lock that registers the subscriber:
-    older entries come from the replay, newer ones live, none twice.
+    entry to its broker's fan-out (hand_out), so local delivery is as fast as
+    in memory. Replay reads the stream with XRANGE up to the entry the
+    broker last handed out when the subscriber was registered: older entries
+    come from the replay, newer ones live, none twice.
     """
 
-    def __init__(self, url: str, *, key: str = REDIS_KEY, **options):
+    shared = True
+
+    def __init__(self, url: str, *, key: str = REDIS_KEY, history_size: int = HISTORY_SIZE):
         try:
             import redis
         except ImportError:
             raise RuntimeError("--redis needs the redis package: pip install redis") from None
-        super().__init__(**options)
         self._redis_errors = redis.RedisError
         self._no_such_key = redis.ResponseError
         self.url = redact_url(url)
         self.key = key
-        self.stream_len = max(self.history_size, REDIS_MIN_STREAM_LEN)
+        self.stream_len = max(history_size, REDIS_MIN_STREAM_LEN)
         # Two connections: the reader's XREAD blocks, publishers must not wait on it.
         self._client = redis.Redis.from_url(url, decode_responses=True, socket_timeout=5,
                                             socket_connect_timeout=2)
         self._reader_client = redis.Redis.from_url(
             url, decode_responses=True, socket_connect_timeout=2,
             socket_timeout=REDIS_BLOCK_MS / 1000 + 5)
-        # Guarded by Broker._lock: the last stream id handed to local subscribers
-        # (None until the reader first reaches Redis), and the reader's state.
-        self._delivered_id: Optional[str] = None
+        # Locking rule: _lock guards the reader's state below. _read_from (the
+        # last entry read) belongs to the reader thread alone.
+        self._lock = threading.Lock()
+        self._start_id: Optional[str] = None    # where the reader began (None: not yet)
         self.redis_connected = False
         self.redis_error: Optional[str] = None
         self.redis_reconnects = 0
+        self._read_from: Optional[str] = None
+        self._hand_out: Optional[Callable] = None
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._follow, name="redis-reader", daemon=True)
+
+    def start(self, hand_out: Callable) -> None:
+        self._hand_out = hand_out
         self._reader.start()
 
-    def publish(self, topics, data: object, *, event: Optional[str] = None,
-                retry: Optional[int] = None) -> Published:
-        """Append to the stream; every instance delivers it. Returns the stream
-        id and how many subscribers of these topics this instance has now."""
-        topic_list, text = _prepare_event(topics, data, event, retry)
-        fields = {"topics": ",".join(topic_list), "data": text}
+    def add(self, topics: Topics, text: str, event: Optional[str],
+            retry: Optional[int]) -> str:
+        """Append to the stream; every instance delivers it. Returns its id."""
+        fields = {"topics": ",".join(topics), "data": text}
         if event:
             fields["event"] = event
         if retry is not None:
             fields["retry"] = str(retry)
         try:
-            entry_id = self._client.xadd(self.key, fields, maxlen=self.stream_len,
-                                         approximate=True)
+            return self._client.xadd(self.key, fields, maxlen=self.stream_len, approximate=True)
         except self._redis_errors as error:
             raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
-        with self._lock:
-            local = len(self._subscribers_of_locked(tuple(topic_list)))
-        return Published(entry_id, local)
 
-    def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  io: Optional[SocketIO] = None,
-                  chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
-        subscriber = Subscriber(topics, io, chunked=chunked)
-        with self._lock:
-            if last_event_id and self._delivered_id is None:
+    def replay(self, topics: tuple[str, ...], last_event_id: str,
+               upto: Optional[str]) -> list[bytes]:
+        if upto is None:        # nothing handed out yet: up to where the reader began
+            with self._lock:
+                upto = self._start_id
+            if upto is None:
                 raise ServiceUnavailable("not connected to redis yet; cannot replay",
                                          retry_after_s=2)
-            self._register_locked(subscriber)
-            delivered_id = self._delivered_id
-        if not last_event_id:
-            return subscriber, []
         try:
-            return subscriber, self._replay(subscriber.topics, last_event_id, delivered_id)
+            return self._replay(topics, last_event_id, upto)
         except self._redis_errors as error:
-            self.unsubscribe(subscriber)
             raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
 
     def _replay(self, topics: tuple[str, ...], last_event_id: str, upto: str) -> list[bytes]:
@@ -1821,9 +2256,7 @@ class RedisBroker(Broker):
         frames = [self._frame(entry_id, fields)
                   for entry_id, fields in self._client.xrange(self.key, min=start, max=upto)
                   if wanted.intersection(fields.get("topics", "").split(","))]
-        if reason:
-            frames.insert(0, format_reset_event(reason, last_event_id))
-        return frames
+        return _with_reset(reason, last_event_id, frames)
 
     @staticmethod
     def _frame(entry_id: str, fields: dict) -> bytes:
@@ -1832,29 +2265,33 @@ class RedisBroker(Broker):
                             retry=int(retry) if retry and retry.isdigit() else None)
 
     def _follow(self) -> None:
-        """The reader: deliver every new entry locally, in stream order; on a
-        Redis failure, back off and resume from the last entry delivered."""
+        """The reader: hand every new entry to the broker, in stream order; on
+        a Redis failure, back off and resume after the last entry read."""
         backoff_s = REDIS_BACKOFF_S[0]
         while not self._stop.is_set():
             try:
-                if self._delivered_id is None:      # start at the current end
+                if self._read_from is None:      # start at the current end
                     newest = self._reader_client.xrevrange(self.key, count=1)
+                    self._read_from = newest[0][0] if newest else "0-0"
                     with self._lock:
-                        self._delivered_id = newest[0][0] if newest else "0-0"
-                response = self._reader_client.xread({self.key: self._delivered_id},
+                        self._start_id = self._read_from
+                response = self._reader_client.xread({self.key: self._read_from},
                                                      count=self.stream_len, block=REDIS_BLOCK_MS)
-                if not self.redis_connected:
-                    logger.info("connected to redis at %s", self.url)
                 with self._lock:
+                    if not self.redis_connected:
+                        logger.info("connected to redis at %s", self.url)
                     self.redis_connected, self.redis_error = True, None
                 backoff_s = REDIS_BACKOFF_S[0]
                 for _, entries in response:
                     # A full batch means the reader may have fallen so far behind
                     # that Redis trimmed entries it never read.
                     if (len(entries) >= self.stream_len and
-                            self._gap_after(self._reader_client, self._delivered_id)):
+                            self._gap_after(self._reader_client, self._read_from)):
                         self._announce_gap()
-                    self._deliver(entries)
+                    self._hand_out([(entry_id, self._frame(entry_id, fields),
+                                     tuple(t for t in fields.get("topics", "").split(",") if t))
+                                    for entry_id, fields in entries])
+                    self._read_from = entries[-1][0]
             except self._redis_errors as error:
                 with self._lock:
                     if self.redis_connected:
@@ -1883,20 +2320,8 @@ class RedisBroker(Broker):
     def _announce_gap(self) -> None:
         """Tell every local subscriber it missed events (as a replay would)."""
         logger.warning("redis reader fell behind: entries after %s were trimmed unread",
-                       self._delivered_id)
-        frame = format_reset_event("history-exceeded", self._delivered_id)
-        with self._lock:
-            self._hand_out_locked(frame, tuple(self._subscribers_by_topic))
-            self.events_published -= 1      # a notice, not an event
-
-    def _deliver(self, entries: list) -> None:
-        """Hand a batch of stream entries to local subscribers (one group commit)."""
-        with self._lock:
-            for entry_id, fields in entries:
-                topics = tuple(topic for topic in fields.get("topics", "").split(",") if topic)
-                self._delivered_id = entry_id
-                self._hand_out_locked(self._frame(entry_id, fields), topics, wait=False)
-            self._flush_locked(self._seq)
+                       self._read_from)
+        self._hand_out([(None, format_reset_event("history-exceeded", self._read_from), None)])
 
     def health(self) -> tuple[bool, str]:
         with self._lock:
@@ -1905,23 +2330,18 @@ class RedisBroker(Broker):
             return False, f"degraded: redis unavailable ({self.redis_error or 'connecting'})"
 
     def stats(self) -> dict:
-        stats = super().stats()
         with self._lock:
-            stats.update(last_event_id=self._delivered_id, run_id=None, events_retained=None,
-                         topics_with_history=None,
-                         redis={"url": self.url, "key": self.key,
-                                "connected": self.redis_connected, "error": self.redis_error,
-                                "reconnects": self.redis_reconnects,
-                                "stream_length_limit": self.stream_len})
-        return stats
+            return {"redis": {"url": self.url, "key": self.key,
+                              "connected": self.redis_connected, "error": self.redis_error,
+                              "reconnects": self.redis_reconnects,
+                              "stream_length_limit": self.stream_len}}
 
-    def close(self) -> list[Subscriber]:
-        subscribers = super().close()
+    def close(self) -> None:
         self._stop.set()
-        self._reader.join()
+        if self._reader.ident is not None:
+            self._reader.join()
         self._client.close()
         self._reader_client.close()
-        return subscribers
 
 
 # --- HTTP handler ---------------------------------------------------------------------
@@ -2638,6 +3058,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
                  certfile: Optional[str] = None, keyfile: Optional[str] = None,
                  max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
                  redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
+                 store: Optional[str] = None, store_cache_size: int = STORE_CACHE_SIZE,
                  trusted_proxies: Iterable[str] = (), metrics_token: Optional[str] = None,
                  csp: Optional[str] = None,
                  handler_class=SSERequestHandler, bind_and_activate: bool = True):
@@ -2668,11 +3089,18 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         self.publish_limiter = (RateLimiter(publish_rate, publish_burst)
                                 if publish_rate > 0 else None)
         self.tls_context = _tls_context(certfile, keyfile) if certfile else None
-        broker_options = dict(queue_size=queue_size, history_size=history_size,
-                              history_ttl_s=history_ttl_s, max_topics=max_topics,
-                              max_subscribers=max_clients)
-        self.broker = (RedisBroker(redis_url, key=redis_key, **broker_options) if redis_url
-                       else Broker(**broker_options))
+        if store and redis_url:
+            raise StoreError("--store and --redis cannot be used together: one server keeps "
+                             "its history in a file, several share theirs through Redis")
+        bounds = dict(history_size=history_size, history_ttl_s=history_ttl_s,
+                      max_topics=max_topics)
+        history: Optional[History] = None
+        if redis_url:
+            history = RedisHistory(redis_url, key=redis_key, history_size=history_size)
+        elif store:
+            history = SQLiteHistory(store, cache_size=store_cache_size, **bounds)
+        self.broker = Broker(queue_size=queue_size, max_subscribers=max_clients,
+                             history=history, **bounds)
         # Under _connections_lock (BurstAcceptMixIn's), with _connections:
         # open streams, counted rather than derived from _connections because
         # shutdown()'s wait re-checks it at every stream's end (O(n) each, O(n²)
@@ -2685,7 +3113,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         try:
             super().__init__(server_address, handler_class, bind_and_activate)
         except BaseException:
-            self.broker.close()     # stops the Redis reader, if any
+            self.broker.close()     # stops the Redis reader, closes the store
             raise
 
     def get_request(self):
@@ -2893,6 +3321,14 @@ def build_parser() -> argparse.ArgumentParser:
                           default=os.environ.get("SSE_METRICS_TOKEN"),
                           help="let 'Authorization: Bearer T' read /metrics from anywhere (env "
                                "SSE_METRICS_TOKEN); without it only loopback may")
+    store = parser.add_argument_group("history across restarts")
+    store.add_argument("--store", metavar="FILE", default=os.environ.get("SSE_STORE"),
+                       help="keep the history and the ids in this SQLite file (created if "
+                            "missing; env SSE_STORE): acknowledged events survive a crash or "
+                            "a power cut, and clients resume across restarts")
+    store.add_argument("--store-cache", metavar="N", type=int, default=STORE_CACHE_SIZE,
+                       help="events per topic of the store also kept in memory; replays "
+                            "that reach further back read the file")
     scale = parser.add_argument_group("several instances (Redis)")
     scale.add_argument("--redis", metavar="URL", default=os.environ.get("SSE_REDIS_URL"),
                        help="share events, ids and replay through Redis: redis://[:password@]"
@@ -2911,9 +3347,9 @@ def _positive_settings(args: argparse.Namespace) -> Optional[str]:
                  "write_timeout", "request_timeout"):
         if getattr(args, name) <= 0:
             return f"--{name.replace('_', '-')} must be greater than 0"
-    for name in ("history", "retry"):
+    for name in ("history", "retry", "store_cache"):
         if getattr(args, name) < 0:
-            return f"--{name} must not be negative"
+            return f"--{name.replace('_', '-')} must not be negative"
     if args.history_ttl is not None and args.history_ttl <= 0:
         return "--history-ttl must be greater than 0"
     if args.max_clients_per_ip < 0 or args.publish_rate < 0 or args.publish_burst < 1:
@@ -3011,8 +3447,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             cors_origins=args.cors_origin, certfile=args.certfile, keyfile=args.keyfile,
             max_clients_per_ip=args.max_clients_per_ip, publish_rate=args.publish_rate,
             publish_burst=args.publish_burst, redis_url=args.redis, redis_key=args.redis_key,
+            store=args.store, store_cache_size=args.store_cache,
             trusted_proxies=args.trusted_proxy, metrics_token=args.metrics_token,
             csp=args.csp)
+    except StoreError as error:     # a --store file that cannot be used, or with --redis
+        print(f"sse_server: --store: {error}", file=sys.stderr)
+        return 2
     except RuntimeError as error:   # --redis without the redis package
         print(f"sse_server: {error}", file=sys.stderr)
         return 1

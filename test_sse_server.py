@@ -1517,7 +1517,7 @@ class ReplayTests(ServerTestCase):
                 client.close()
 
     def test_history_window_exceeded_resets(self):
-        self.server.broker.history_size = 5
+        self.server.broker.history.history_size = 5
         ids = self.publish_many("w", 10)
         client = self.subscribe("topic=w", headers=[f"Last-Event-ID: {ids[1]}"])
         reset, *events = client.take(6)
@@ -2609,15 +2609,15 @@ class RedisTests(unittest.TestCase):
 
     def fill_stream(self, server, count):
         """Append `count` entries straight to Redis; returns the last id."""
-        pipe = server.broker._client.pipeline(transaction=False)
+        pipe = server.broker.history._client.pipeline(transaction=False)
         for n in range(count):
-            pipe.xadd(server.broker.key, {"topics": "t", "data": str(n)},
-                      maxlen=server.broker.stream_len, approximate=True)
+            pipe.xadd(server.broker.history.key, {"topics": "t", "data": str(n)},
+                      maxlen=server.broker.history.stream_len, approximate=True)
         return pipe.execute()[-1]
 
     def test_trimmed_history_resets(self):
         first = self.a.broker.publish("t", "first").id
-        last = self.fill_stream(self.a, 3 * self.a.broker.stream_len)
+        last = self.fill_stream(self.a, 3 * self.a.broker.history.stream_len)
         wait_until(lambda: self.b.broker.stats()["last_event_id"] == last)
         client = self.subscribe(self.b, "topic=t", headers=[f"Last-Event-ID: {first}"])
         reset = client.next_event()
@@ -2629,7 +2629,7 @@ class RedisTests(unittest.TestCase):
         client = self.subscribe(self.b, "topic=t&topic=u")
         wait_until(lambda: self.b.broker.subscriber_count == 1)
         with self.b.broker._lock:       # the reader stalls while Redis trims
-            last = self.fill_stream(self.a, 3 * self.b.broker.stream_len)
+            last = self.fill_stream(self.a, 3 * self.b.broker.history.stream_len)
         reset = client.next_event()
         while reset.type != "reset":
             reset = client.next_event()
