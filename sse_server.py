@@ -1232,7 +1232,7 @@ class _Event:
         self.id = id                # None for a notice that is not an event (a reset)
         self.frame = frame          # the event's bytes (kept in history)
         self.topics = topics
-        self.created = created
+        self.created = created      # by the broker's clock: for the delivery histogram
         self.reached = 0
         self.refused: Optional[ServiceUnavailable] = None   # why its history could not keep it
 
@@ -1713,10 +1713,11 @@ class History:
 
 
 class _TopicHistory:
-    __slots__ = ("events", "evicted_through")
+    __slots__ = ("events", "kept_at", "evicted_through")
 
     def __init__(self, evicted_through: int = 0):
         self.events: collections.deque = collections.deque()
+        self.kept_at: collections.deque = collections.deque()   # with a TTL: when, per event
         self.evicted_through = evicted_through  # highest seq of this topic no longer retained
 
 
@@ -1763,16 +1764,23 @@ class MemoryHistory(History):
             else:
                 self._topics.move_to_end(topic)
             history.events.append(event)
+            if self.history_ttl_s is not None:
+                history.kept_at.append(self._clock())
             if len(history.events) > self.history_size:
-                history.evicted_through = history.events.popleft().seq
+                self._evict_oldest(history)
             self._expire(history)
+
+    def _evict_oldest(self, history: _TopicHistory) -> None:
+        history.evicted_through = history.events.popleft().seq
+        if history.kept_at:
+            history.kept_at.popleft()
 
     def _expire(self, history: _TopicHistory) -> None:
         if self.history_ttl_s is None:
             return
         cutoff = self._clock() - self.history_ttl_s
-        while history.events and history.events[0].created < cutoff:
-            history.evicted_through = history.events.popleft().seq
+        while history.kept_at and history.kept_at[0] < cutoff:
+            self._evict_oldest(history)
 
     def replay(self, topics: tuple[str, ...], last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
@@ -1872,7 +1880,7 @@ class SQLiteHistory(History):
         self.commit_seconds = 0.0
         self._cache = MemoryHistory(history_size=min(history_size, cache_size),
                                     history_ttl_s=history_ttl_s, max_topics=max_topics,
-                                    run_id=self.run_id, kept_through=last_seq)
+                                    clock=clock, run_id=self.run_id, kept_through=last_seq)
 
     @staticmethod
     def _open(path: str):

@@ -671,84 +671,6 @@ class BrokerTests(unittest.TestCase):
         self.assertEqual(broker.stats()["clients_dropped"], 1)
         self.assertEqual(broker.subscriber_count, 1)
 
-    def test_history_is_bounded(self):
-        broker = Broker(history_size=10)
-        for n in range(100):
-            broker.publish("a", str(n))
-        self.assertEqual(broker.stats()["events_retained"], 10)
-
-    def test_max_topics_forgets_least_recently_published(self):
-        broker = Broker(max_topics=3)
-        for topic in ("a", "b", "c", "a", "d"):
-            broker.publish(topic, topic)
-        stats = broker.stats()
-        self.assertEqual((stats["topics_with_history"], stats["events_retained"]), (3, 4))
-        _, replay = broker.subscribe(["b"], last_event_id=f"{broker.run_id}-1")
-        self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
-
-    def test_a_topic_forgotten_by_max_topics_and_published_again_still_resets(self):
-        broker = Broker(max_topics=2)
-        a1 = broker.publish("a", "a1").id
-        broker.publish("a", "a2")
-        broker.publish("b", "b")
-        broker.publish("c", "c")        # forgets a's history
-        broker.publish("a", "a3")       # a starts a new one
-        _, replay = broker.subscribe(["a"], last_event_id=a1)
-        parser = EventStreamParser()
-        for frame in replay:
-            parser.feed(frame)
-        reset, event = parser.events
-        self.assertEqual((reset.type, json.loads(reset.data)["reason"]),
-                         ("reset", "history-exceeded"))      # a2 was missed: say so
-        self.assertEqual(event.data, "a3")
-
-    def test_no_silent_gap_while_topics_churn_through_max_topics(self):
-        """A follower of one topic comes and goes while other topics push its
-        history out: each replay either continues exactly where it left off
-        or starts with a reset; it never skips an event in silence."""
-        rng = random.Random(14)
-        broker = Broker(max_topics=8, history_size=50, queue_size=100_000)
-        published, got, last_id, resets = [], [], None, 0
-
-        def publish_watched(count, when):
-            for n in range(count):
-                published.append(f"{len(published)} {when}")
-                broker.publish("watched", published[-1])
-
-        for _ in range(400):
-            publish_watched(rng.randint(0, 2), "while away")
-            for _ in range(rng.randint(0, 12)):     # other topics churn
-                broker.publish(f"other-{rng.randint(0, 30)}", "x")
-            publish_watched(rng.randint(0, 2), "while away, later")
-            subscriber, replay = broker.subscribe(["watched"], last_event_id=last_id)
-            publish_watched(rng.randint(0, 2), "live")
-            parser = EventStreamParser()
-            for frame in replay + drain(subscriber):
-                parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
-            broker.unsubscribe(subscriber)
-            events = list(parser.events)
-            if events and events[0].type == "reset":
-                resets += 1
-                got = []            # start over from what the replay holds
-                events = events[1:]
-            got += [event.data for event in events]
-            if events:
-                last_id = events[-1].id
-            # What it holds is an unbroken run of what was published, up to now.
-            self.assertEqual(got, published[len(published) - len(got):])
-        self.assertGreater(resets, 0, "the churn never pushed the watched topic out")
-
-    def test_history_ttl(self):
-        now = [0.0]
-        broker = Broker(history_ttl_s=10, clock=lambda: now[0])
-        broker.publish("a", "old")
-        now[0] = 5
-        broker.publish("a", "new")
-        now[0] = 12
-        _, replay = broker.subscribe(["a"], last_event_id=f"{broker.run_id}-0")
-        self.assertEqual(data_of(replay)[1:], ["new"])
-        self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
-
     def test_replay_after_id_merges_topics_in_order(self):
         broker = Broker()
         ids = [broker.publish(topic, topic + str(n)).id
@@ -2667,6 +2589,548 @@ class RedisTests(unittest.TestCase):
         stats = json.loads(http_request(self.a.server_address[1], "GET", "/stats")[2])
         self.assertTrue(stats["redis"]["connected"])
         self.assertGreaterEqual(stats["redis"]["reconnects"], 1)
+
+
+# --- History: one contract for every backend; the store across restarts ---------------------
+
+def events_of(frames):
+    """The events in replay frames and queued chunks, as the client parses them."""
+    parser = EventStreamParser()
+    for frame in frames:
+        if isinstance(frame, bytes):    # the queue also ends with a StreamEnd
+            parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
+    return list(parser.events)
+
+
+class HistoryContract:
+    """What every History does, seen through a Broker, its only caller.
+    A backend's test class gives make_history(**bounds)."""
+
+    def broker(self, queue_size=sse_server.QUEUE_SIZE, **bounds):
+        broker = Broker(history=self.make_history(**bounds), queue_size=queue_size)
+        self.addCleanup(broker.close)
+        return broker
+
+    def publish(self, broker, topics, data):
+        """Publish and wait until it was handed out (a shared history gives it
+        back through its reader; the others before publish() returns)."""
+        event_id = broker.publish(topics, data).id
+        wait_until(lambda: broker.stats()["last_event_id"] == event_id,
+                   message=f"{event_id} to be handed out")
+        return event_id
+
+    def test_replay_is_what_came_after_the_id_on_these_topics_once_each(self):
+        broker = self.broker()
+        ids = [self.publish(broker, topics, data) for topics, data in
+               [("a", "a0"), ("b", "b0"), (["a", "b"], "ab"), ("c", "c0"), ("a", "a1")]]
+        _, replay = broker.subscribe(["a", "b"], last_event_id=ids[0])
+        self.assertEqual([(e.data, e.id) for e in events_of(replay)],
+                         [("b0", ids[1]), ("ab", ids[2]), ("a1", ids[4])])
+        _, replay = broker.subscribe(["a", "b"], last_event_id=ids[4])
+        self.assertEqual(replay, [])
+
+    def test_a_foreign_id_resets_then_replays_everything_kept(self):
+        broker = self.broker()
+        kept = self.publish(broker, "f", "kept")
+        _, replay = broker.subscribe(["f"], last_event_id="not-an-id-of-ours")
+        reset, event = events_of(replay)
+        self.assertEqual((reset.type, json.loads(reset.data)["reason"]), ("reset", "unknown-id"))
+        self.assertEqual((event.data, event.id), ("kept", kept))
+
+    def test_registration_while_publishing_gets_every_event_exactly_once(self):
+        """Replay up to the mark taken at registration, live after it: under
+        concurrent publishers no event is missed or doubled, order holds."""
+        broker = self.broker(queue_size=100_000)
+        first = self.publish(broker, "r", "first")
+        done = threading.Barrier(4)
+
+        def publisher(name):
+            for n in range(150):
+                broker.publish("r", f"{name}-{n}")
+            done.wait(WAIT_S)
+
+        threads = [threading.Thread(target=publisher, args=(p,)) for p in range(3)]
+        for thread in threads:
+            thread.start()
+        joined = []
+        while len(joined) < 30:
+            joined.append(broker.subscribe(["r"], last_event_id=first))
+        done.wait(WAIT_S)
+        for thread in threads:
+            thread.join(WAIT_S)
+        last = self.publish(broker, "r", "last")
+        _, everything = broker.subscribe(["r"], last_event_id=first)
+        expected = [(e.id, e.data) for e in events_of(everything)]
+        self.assertEqual(len(expected), 451)
+        self.assertEqual(expected[-1], (last, "last"))
+        for subscriber, replay in joined:
+            got = [(e.id, e.data) for e in events_of(replay + drain(subscriber))]
+            self.assertEqual(got, expected)
+
+
+class BoundedHistoryContract(HistoryContract):
+    """The bounds a local history applies (Redis trims its stream itself)."""
+
+    def test_the_newest_history_size_events_of_a_topic_are_kept(self):
+        broker = self.broker(history_size=5)
+        ids = [self.publish(broker, "w", str(n)) for n in range(10)]
+        self.publish(broker, "other", "x")
+        self.assertEqual(broker.stats()["events_retained"], 6)
+        _, replay = broker.subscribe(["w"], last_event_id=ids[1])
+        reset, *events = events_of(replay)
+        self.assertEqual(json.loads(reset.data)["reason"], "history-exceeded")
+        self.assertEqual([e.data for e in events], ["5", "6", "7", "8", "9"])
+        _, replay = broker.subscribe(["w"], last_event_id=ids[4])   # just within
+        self.assertEqual([e.data for e in events_of(replay)], ["5", "6", "7", "8", "9"])
+
+    def test_max_topics_forgets_the_least_recently_published(self):
+        broker = self.broker(max_topics=3)
+        ids = [self.publish(broker, topic, topic) for topic in ("a", "b", "c", "a", "d")]
+        stats = broker.stats()
+        self.assertEqual((stats["topics_with_history"], stats["events_retained"]), (3, 4))
+        _, replay = broker.subscribe(["b"], last_event_id=ids[0])
+        self.assertEqual(json.loads(events_of(replay)[0].data)["reason"], "history-exceeded")
+        _, replay = broker.subscribe(["a", "c", "d"], last_event_id=ids[1])
+        self.assertEqual([e.data for e in events_of(replay)], ["c", "a", "d"])
+
+
+    def test_a_topic_forgotten_by_max_topics_and_published_again_still_resets(self):
+        broker = self.broker(max_topics=2)
+        a1 = broker.publish("a", "a1").id
+        broker.publish("a", "a2")
+        broker.publish("b", "b")
+        broker.publish("c", "c")        # forgets a's history
+        broker.publish("a", "a3")       # a starts a new one
+        _, replay = broker.subscribe(["a"], last_event_id=a1)
+        parser = EventStreamParser()
+        for frame in replay:
+            parser.feed(frame)
+        reset, event = parser.events
+        self.assertEqual((reset.type, json.loads(reset.data)["reason"]),
+                         ("reset", "history-exceeded"))      # a2 was missed: say so
+        self.assertEqual(event.data, "a3")
+
+    def test_no_silent_gap_while_topics_churn_through_max_topics(self):
+        """A follower of one topic comes and goes while other topics push its
+        history out: each replay either continues exactly where it left off
+        or starts with a reset; it never skips an event in silence."""
+        rng = random.Random(14)
+        broker = self.broker(max_topics=8, history_size=50, queue_size=100_000)
+        published, got, last_id, resets = [], [], None, 0
+
+        def publish_watched(count, when):
+            for n in range(count):
+                published.append(f"{len(published)} {when}")
+                broker.publish("watched", published[-1])
+
+        for _ in range(400):
+            publish_watched(rng.randint(0, 2), "while away")
+            for _ in range(rng.randint(0, 12)):     # other topics churn
+                broker.publish(f"other-{rng.randint(0, 30)}", "x")
+            publish_watched(rng.randint(0, 2), "while away, later")
+            subscriber, replay = broker.subscribe(["watched"], last_event_id=last_id)
+            publish_watched(rng.randint(0, 2), "live")
+            parser = EventStreamParser()
+            for frame in replay + drain(subscriber):
+                parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
+            broker.unsubscribe(subscriber)
+            events = list(parser.events)
+            if events and events[0].type == "reset":
+                resets += 1
+                got = []            # start over from what the replay holds
+                events = events[1:]
+            got += [event.data for event in events]
+            if events:
+                last_id = events[-1].id
+            # What it holds is an unbroken run of what was published, up to now.
+            self.assertEqual(got, published[len(published) - len(got):])
+        self.assertGreater(resets, 0, "the churn never pushed the watched topic out")
+
+    def test_history_ttl(self):
+        now = [0.0]
+        broker = self.broker(history_ttl_s=10, clock=lambda: now[0])
+        broker.publish("a", "old")
+        now[0] = 5
+        broker.publish("a", "new")
+        now[0] = 12
+        _, replay = broker.subscribe(["a"], last_event_id=f"{broker.run_id}-0")
+        self.assertEqual(data_of(replay)[1:], ["new"])
+        self.assertEqual(json.loads(data_of(replay)[0])["reason"], "history-exceeded")
+
+
+class MemoryHistoryTests(BoundedHistoryContract, unittest.TestCase):
+    def make_history(self, **bounds):
+        return sse_server.MemoryHistory(**bounds)
+
+
+class SQLiteHistoryTests(BoundedHistoryContract, unittest.TestCase):
+    cache_size = sse_server.STORE_CACHE_SIZE
+
+    def make_history(self, **bounds):
+        folder = tempfile.mkdtemp(prefix="sse-store-")
+        self.addCleanup(shutil.rmtree, folder)
+        return sse_server.SQLiteHistory(os.path.join(folder, "events.db"),
+                                        cache_size=self.cache_size, **bounds)
+
+
+class SQLiteFileOnlyTests(SQLiteHistoryTests):
+    """The same with no cache: every replay reads the file."""
+    cache_size = 0
+
+
+@unittest.skipUnless((REDIS_SERVER and redis_package) or REQUIRE_REDIS,
+                     "redis-server or the redis package is missing (apt-get install "
+                     "redis-server; pip install redis); set SSE_REQUIRE_REDIS=1 to fail instead")
+class RedisHistoryTests(HistoryContract, unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        if not (REDIS_SERVER and redis_package):
+            raise AssertionError("SSE_REQUIRE_REDIS=1 but redis-server or the redis package "
+                                 "is missing")
+        cls.redis = RedisProcess()
+        cls.redis.start()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.redis.cleanup()
+
+    def make_history(self, history_size=sse_server.HISTORY_SIZE):
+        history = sse_server.RedisHistory(self.redis.url, key=f"sse:test:{self.id()}",
+                                          history_size=history_size)
+        return history
+
+    def broker(self, **options):
+        broker = super().broker(**options)
+        wait_until(lambda: broker.health()[0], message="the reader to reach redis")
+        return broker
+
+
+class StoreTests(unittest.TestCase):
+    """--store: what the file keeps, its bounds, its errors (in this process)."""
+
+    def setUp(self):
+        self.folder = tempfile.mkdtemp(prefix="sse-store-")
+        self.addCleanup(shutil.rmtree, self.folder)
+        self.path = os.path.join(self.folder, "events.db")
+
+    def open(self, **options):
+        broker = Broker(history=sse_server.SQLiteHistory(self.path, **options),
+                        queue_size=100_000)
+        self.addCleanup(broker.close)
+        return broker
+
+    def test_ids_and_history_outlive_the_broker(self):
+        before = self.open()
+        ids = [before.publish(topic, f"{topic}{n}").id
+               for n, topic in enumerate(["a", "b", "a", "a"])]
+        before.close()
+        after = self.open()
+        self.assertEqual(after.run_id, before.run_id)
+        self.assertEqual(after.stats()["last_event_id"], ids[-1])
+        subscriber, replay = after.subscribe(["a"], last_event_id=ids[0])
+        self.assertEqual([(e.id, e.data) for e in events_of(replay)],
+                         [(ids[2], "a2"), (ids[3], "a3")])      # no reset, nothing twice
+        new = after.publish("a", "new").id
+        self.assertEqual(parse_event_id(new, after.run_id), len(ids) + 1)
+        self.assertEqual(events_of(drain(subscriber))[0].id, new)
+
+    def test_the_numbering_continues_even_when_nothing_is_retained(self):
+        before = self.open(history_size=0)
+        last = before.publish("a", "x").id
+        before.close()
+        self.assertEqual(self.open(history_size=0).publish("a", "y").id,
+                         f"{before.run_id}-{parse_event_id(last, before.run_id) + 1}")
+
+    def test_a_client_behind_the_cache_is_replayed_from_the_file(self):
+        broker = self.open(history_size=50, cache_size=5)
+        ids = [broker.publish("far", str(n)).id for n in range(40)]
+        self.assertEqual(broker.stats()["store"]["events_cached"], 5)
+        _, replay = broker.subscribe(["far"], last_event_id=ids[9])
+        self.assertEqual([e.data for e in events_of(replay)], [str(n) for n in range(10, 40)])
+        _, replay = broker.subscribe(["far"], last_event_id=ids[36])    # in the cache
+        self.assertEqual([e.data for e in events_of(replay)], ["37", "38", "39"])
+
+    def test_the_file_stays_about_the_size_of_what_is_retained(self):
+        """100,000 events with history 100 on a few topics: old rows go as
+        new ones come. Concurrent publishers, so commits batch as they do
+        in a server (one transaction for each fan-out batch)."""
+        broker = self.open(history_size=100)
+        count, publishers = 100_000, 8
+
+        def publisher(p):
+            for n in range(count // publishers):
+                broker.publish(f"topic-{n % 4}", f"event {p}:{n} " + "x" * 40)
+
+        threads = [threading.Thread(target=publisher, args=(p,)) for p in range(publishers)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        stats = broker.stats()
+        self.assertEqual(stats["events_published"], count)
+        self.assertEqual(stats["store"]["events_retained"], 400)
+        size = stats["store"]["size_bytes"]
+        self.assertLess(size, 3 * 1024 * 1024, f"the file and its log hold {size} bytes")
+        self.assertLess(stats["store"]["commits"], count)   # batches shared a sync
+        broker.close()
+        self.assertLess(os.path.getsize(self.path), 1024 * 1024)
+
+    def test_a_second_server_on_the_file_is_refused(self):
+        self.open()
+        with self.assertRaises(sse_server.StoreError) as caught:
+            sse_server.SQLiteHistory(self.path)
+        self.assertIn("in use by another server", str(caught.exception))
+
+    def test_unusable_paths_are_one_clear_error(self):
+        garbage = os.path.join(self.folder, "garbage.db")
+        with open(garbage, "wb") as file:
+            file.write(random.Random(1).randbytes(8192) if hasattr(random.Random, "randbytes")
+                       else bytes(random.Random(1).getrandbits(8) for _ in range(8192)))
+        for path, says in ((self.folder, "is a directory"),
+                           (garbage, "is not an SQLite database"),
+                           (os.path.join(self.folder, "no", "such", "folder.db"), "cannot open")):
+            with self.subTest(path=path), self.assertRaises(sse_server.StoreError) as caught:
+                sse_server.SQLiteHistory(path)
+            self.assertIn(says, str(caught.exception))
+            self.assertNotIn("\n", str(caught.exception))
+
+
+class StoreServerTests(ServerTestCase):
+    """A server with --store: a failing disk, and what /stats and /healthz say."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp(prefix="sse-store-")
+        self.addCleanup(shutil.rmtree, folder)
+        self.path = os.path.join(folder, "events.db")
+        self.server_options = {"store": self.path}
+        super().setUp()
+
+    def fill_the_disk(self, full: bool) -> None:
+        """SQLite's own page limit: past it, writes fail with SQLITE_FULL
+        ("database or disk is full"), exactly as on a full disk."""
+        history = self.server.broker.history
+        with history._lock:
+            pages = history._db.execute("PRAGMA page_count").fetchone()[0]
+            history._db.execute(f"PRAGMA max_page_count={pages if full else 1 << 30}")
+
+    def test_a_full_disk_answers_503_keeps_subscribers_and_recovers(self):
+        client = StreamClient(self.port, "topic=d")
+        self.addCleanup(client.close)
+        wait_until(lambda: self.server.broker.subscriber_count == 1)
+        acknowledged = [publish_form(self.port, topic="d", data="before")["id"]]
+        self.fill_the_disk(True)
+        logged = len(SERVER_LOG.records)
+        for n in range(3):
+            status, headers, body = http_request(self.port, "POST", "/publish?topic=d",
+                                                 ("x" * 5000).encode())
+            self.assertEqual(status, 503)
+            self.assertEqual(headers["Retry-After"], str(sse_server.STORE_RETRY_AFTER_S))
+            self.assertIn(b"full", body)
+        errors = [r for r in SERVER_LOG.records[logged:] if r.levelno >= logging.ERROR]
+        self.assertEqual(len(errors), 1, [r.getMessage() for r in errors])    # once
+        status, _, body = http_request(self.port, "GET", "/healthz")
+        self.assertEqual(status, 503)
+        self.assertIn(b"event store", body)
+        stats = json.loads(http_request(self.port, "GET", "/stats")[2])
+        self.assertIn("full", stats["store"]["error"])
+        self.fill_the_disk(False)
+        acknowledged.append(publish_form(self.port, topic="d", data="after")["id"])
+        self.assertEqual(http_request(self.port, "GET", "/healthz")[0], 200)
+        self.assertTrue(any("works again" in r.getMessage() for r in SERVER_LOG.records))
+        events = client.take(2)
+        self.assertEqual([(e.id, e.data) for e in events],
+                         list(zip(acknowledged, ["before", "after"])))  # none of the refused
+        self.assertFalse(client.closed)
+        again = StreamClient(self.port, "topic=d&lastEventId=" + acknowledged[0])
+        self.addCleanup(again.close)
+        self.assertEqual(again.next_event().id, acknowledged[1])
+
+    def test_stats_show_the_store(self):
+        publish_form(self.port, topic="s", data="x")
+        store = json.loads(http_request(self.port, "GET", "/stats")[2])["store"]
+        self.assertEqual((store["path"], store["events_retained"], store["error"]),
+                         (self.path, 1, None))
+        self.assertGreater(store["size_bytes"], 0)
+        self.assertGreaterEqual(store["commits"], 1)
+
+
+class ServerProcess:
+    """sse_server.py run as its own process, as a user runs it."""
+
+    def __init__(self, test, *args):
+        self.process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "sse_server.py"), "--port", "0",
+             "--log-level", "warning", *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        test.addCleanup(self.cleanup)
+        line = self.process.stdout.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
+        if not match:
+            self.process.wait(WAIT_S)
+            raise AssertionError(f"no URL printed: {line!r} {self.process.stderr.read()!r}")
+        self.port = int(match.group(1))
+
+    def stop(self, signum) -> str:
+        """Send `signum`, wait for the end; returns what it wrote to stderr."""
+        self.process.send_signal(signum)
+        self.process.wait(WAIT_S)
+        return self.process.stderr.read()
+
+    def cleanup(self):
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(WAIT_S)
+        self.process.stdout.close()
+        self.process.stderr.close()
+
+
+def run_command_line(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(HERE, "sse_server.py"), "--port", "0",
+                           *args], capture_output=True, text=True, timeout=WAIT_S)
+
+
+class StoreRestartTests(unittest.TestCase):
+    """Real servers on one file, stopped by SIGKILL or SIGTERM while several
+    keep-alive connections publish, then started again."""
+
+    def setUp(self):
+        folder = tempfile.mkdtemp(prefix="sse-store-")
+        self.addCleanup(shutil.rmtree, folder)
+        self.path = os.path.join(folder, "events.db")
+
+    def publish_until_stopped(self, server, watcher, signum):
+        """Four publishers on keep-alive connections; once the watcher has
+        seen some of their events, the server gets `signum`. Returns the
+        acknowledged {id: data}."""
+        acknowledged: dict[str, str] = {}
+        lock = threading.Lock()
+
+        def publisher(name):
+            connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=WAIT_S)
+            try:
+                for n in range(100_000):
+                    data = f"{name}-{n}"
+                    connection.request("POST", "/publish?topic=k", body=data.encode())
+                    response = connection.getresponse()
+                    answer = response.read()
+                    if response.status != 200:
+                        return
+                    with lock:
+                        acknowledged[json.loads(answer)["id"]] = data
+            except (OSError, http.client.HTTPException):    # the server went away
+                return
+            finally:
+                connection.close()
+
+        threads = [threading.Thread(target=publisher, args=(p,)) for p in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + WAIT_S
+        while len(watcher.parser.events) < 200 or len(acknowledged) < 200:
+            self.assertTrue(watcher.pump(0.05), "the stream ended early")
+            self.assertLess(time.monotonic(), deadline, "publishing did not get going")
+        server.stop(signum)
+        for thread in threads:
+            thread.join(WAIT_S)
+        watcher.read_to_end()
+        with lock:
+            return dict(acknowledged)
+
+    def check_restart(self, signum):
+        first = ServerProcess(self, "--store", self.path, "--history", "100000")
+        watcher = StreamClient(first.port, "topic=k")
+        self.addCleanup(watcher.close)
+        acknowledged = self.publish_until_stopped(first, watcher, signum)
+        seen = [(e.id, e.data) for e in watcher.parser.events]
+        self.assertGreaterEqual(len(seen), 200)
+        self.assertGreaterEqual(len(acknowledged), 200)
+
+        second = ServerProcess(self, "--store", self.path, "--history", "100000")
+        resumed = StreamClient(second.port, "topic=k", headers=[f"Last-Event-ID: {seen[-1][0]}"])
+        self.addCleanup(resumed.close)
+        marker = publish_form(second.port, topic="k", data="after the restart")["id"]
+        replayed = []
+        while not replayed or replayed[-1][0] != marker:
+            event = resumed.next_event()
+            self.assertNotEqual(event.type, "reset", event.data)
+            replayed.append((event.id, event.data))
+        replayed.pop()
+        run_id = marker.rpartition("-")[0]
+        seq = lambda event_id: parse_event_id(event_id, run_id)     # noqa: E731
+
+        # Every acknowledged event it had not seen, none it had, in id order.
+        seen_ids = {event_id for event_id, _ in seen}
+        replayed_ids = [event_id for event_id, _ in replayed]
+        self.assertEqual(set(acknowledged) - seen_ids - set(replayed_ids), set())
+        self.assertFalse(seen_ids & set(replayed_ids))
+        self.assertEqual(replayed_ids, sorted(replayed_ids, key=seq))
+        self.assertEqual(len(replayed_ids), len(set(replayed_ids)))
+        self.assertGreater(seq(replayed_ids[0]) if replayed else seq(marker), seq(seen[-1][0]))
+        # No id names two events, and the new ones come after every old one.
+        everything = {}
+        for event_id, data in [*seen, *replayed, *acknowledged.items()]:
+            self.assertEqual(everything.setdefault(event_id, data), data, event_id)
+        self.assertGreater(seq(marker), max(map(seq, everything)))
+        # Nothing a subscriber saw was forgotten by the restart.
+        full = StreamClient(second.port, f"topic=k&lastEventId={run_id}-0")
+        self.addCleanup(full.close)
+        kept = [(e.id, e.data) for e in full.take(seq(marker))]
+        self.assertEqual(kept[-1][0], marker)
+        self.assertTrue(set(seen) <= set(kept), "a subscriber saw an event the file lost")
+        return second
+
+    def test_sigkill_while_publishing_loses_nothing_acknowledged(self):
+        self.check_restart(signal.SIGKILL)
+
+    def test_sigterm_while_publishing_loses_nothing_acknowledged(self):
+        second = self.check_restart(signal.SIGTERM)
+        self.assertNotIn("Traceback", second.stop(signal.SIGTERM))
+
+    def test_a_second_server_on_the_file_is_refused_and_the_first_serves_on(self):
+        first = ServerProcess(self, "--store", self.path)
+        refused = run_command_line("--store", self.path)
+        self.assertEqual(refused.returncode, 2)
+        self.assertEqual(len(refused.stderr.strip().splitlines()), 1, refused.stderr)
+        self.assertIn("in use by another server", refused.stderr)
+        self.assertIn("id", publish_form(first.port, topic="still", data="serving"))
+
+    def test_unusable_stores_are_one_line_and_exit_status_2(self):
+        folder = os.path.dirname(self.path)
+        garbage = os.path.join(folder, "notes.txt")
+        with open(garbage, "w") as file:
+            file.write("not a database\n" * 100)
+        cases = [(["--store", folder], "is a directory"),
+                 (["--store", garbage], "is not an SQLite database"),
+                 (["--store", os.path.join(read_only_folder(self), "events.db")], "cannot"),
+                 (["--store", self.path, "--redis", "redis://127.0.0.1:1/0"],
+                  "cannot be used together")]
+        for args, says in cases:
+            with self.subTest(args=args):
+                process = run_command_line(*args)
+                self.assertEqual(process.returncode, 2)
+                lines = process.stderr.strip().splitlines()
+                self.assertEqual(len(lines), 1, process.stderr)
+                self.assertIn(says, lines[0])
+                self.assertTrue(lines[0].startswith("sse_server: --store: "), lines[0])
+        self.assertFalse(os.path.exists(self.path))     # --redis was refused before opening
+
+
+def read_only_folder(test) -> str:
+    """A folder nobody can create a file in: a 0555 folder, or, for root (who
+    ignores modes), an immutable one (chattr +i), or else /proc."""
+    folder = tempfile.mkdtemp(prefix="sse-read-only-")
+    test.addCleanup(shutil.rmtree, folder, ignore_errors=True)
+    os.chmod(folder, 0o555)
+    test.addCleanup(os.chmod, folder, 0o755)
+    if os.geteuid() == 0 and shutil.which("chattr"):
+        if subprocess.run(["chattr", "+i", folder], capture_output=True).returncode == 0:
+            test.addCleanup(subprocess.run, ["chattr", "-i", folder], capture_output=True)
+    try:
+        open(os.path.join(folder, "probe"), "w").close()
+    except OSError:
+        return folder
+    os.remove(os.path.join(folder, "probe"))
+    return "/proc"
 
 
 # --- Platforms: hang-ups, SIGPIPE, and the suite again in portable mode -----------------
