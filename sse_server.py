@@ -1820,12 +1820,14 @@ class MemoryHistory(History):
 
 STORE_FORMAT = "1"              # the layout of the file, kept in it
 STORE_SCHEMA = (
+    # format, run_id, and forgotten_through: the highest seq of any topic
+    # history that --max-topics dropped.
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
-    # One row per topic with history: what was evicted from it, and when it
-    # was last published to (--max-topics forgets the least recent first).
+    # One row per topic with history: what was evicted from it, and its newest
+    # seq (so --max-topics forgets the least recently published first, and
+    # the newest of them all is where the numbering goes on after a restart).
     "CREATE TABLE IF NOT EXISTS topics (topic TEXT PRIMARY KEY, "
     "evicted_through INTEGER NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
-    "CREATE INDEX IF NOT EXISTS topics_by_use ON topics (last_seq)",
     # One row per event and topic (an event on two topics has two): its bytes
     # on the wire, id included, and when it was kept (Unix time, for the TTL).
     "CREATE TABLE IF NOT EXISTS events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
@@ -1921,8 +1923,8 @@ class SQLiteHistory(History):
         return db
 
     def _load(self) -> int:
-        """Create the tables if new, read the run id and counters; returns the
-        newest seq kept. The transaction was begun by _open."""
+        """Create the tables if new, read the run id and what is kept; returns
+        the newest seq ever given. The transaction was begun by _open."""
         db = self._db
         try:
             for statement in STORE_SCHEMA:
@@ -1930,31 +1932,45 @@ class SQLiteHistory(History):
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
                 meta = {"format": STORE_FORMAT, "run_id": secrets.token_hex(4),
-                        "last_seq": "0", "forgotten_through": "0"}
+                        "forgotten_through": "0"}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
             if meta.get("format") != STORE_FORMAT:
                 raise StoreError(f"{self.path} was written in another format "
                                  f"({meta.get('format')!r}, this server reads {STORE_FORMAT!r})")
             db.execute("COMMIT")
-            self._topic_count = db.execute("SELECT COUNT(*) FROM topics").fetchone()[0]
-            self._retained = db.execute("SELECT COUNT(*) FROM events").fetchone()[0]
+            self.run_id = meta["run_id"]
+            self._read_counts()
+            newest = db.execute("SELECT MAX(last_seq) FROM topics").fetchone()[0] or 0
         except sqlite3.Error as error:
             raise StoreError(f"cannot use {self.path}: {error}") from None
-        self.run_id = meta["run_id"]
-        self._forgotten_through = int(meta["forgotten_through"])
-        return int(meta["last_seq"])
+        # Every event updates its topics' last_seq, and a topic row is only
+        # deleted with forgotten_through raised past it: so this is every seq given.
+        return max(newest, self._forgotten_through)
+
+    def _read_counts(self) -> None:
+        """What the file keeps, as append() tracks it between transactions."""
+        db = self._db
+        # Topic: rows kept, least recently published first (for --max-topics).
+        self._topics: collections.OrderedDict[str, int] = collections.OrderedDict(db.execute(
+            "SELECT topic, (SELECT COUNT(*) FROM events WHERE events.topic = topics.topic) "
+            "FROM topics ORDER BY last_seq"))
+        self._forgotten_through = int(db.execute(
+            "SELECT value FROM meta WHERE key = 'forgotten_through'").fetchone()[0])
+        self._stale = False     # True while a transaction may have changed them
 
     def append(self, batch: list[_Event]) -> None:
         now = self._clock()
         rows = [(topic, item.seq, now, item.frame) for item in batch for topic in item.topics]
-        newest: dict[str, int] = {}     # topic: its newest seq in the batch
+        added: dict[str, list[int]] = {}     # topic: [its newest seq in the batch, rows]
         for item in batch:
             for topic in item.topics:
-                newest[topic] = item.seq
+                seen = added.setdefault(topic, [0, 0])
+                seen[0] = item.seq
+                seen[1] += 1
         with self._lock:
             started = time.monotonic()
             try:
-                self._write(rows, newest, batch[-1].seq, now)
+                self._write(rows, added, now)
             except sqlite3.Error as error:
                 self._rollback()
                 if self.error is None:
@@ -1970,45 +1986,51 @@ class SQLiteHistory(History):
                 self.error = None
         self._cache.append(batch)
 
-    def _write(self, rows: list[tuple], newest: dict[str, int], last_seq: int,
-               now: float) -> None:
-        """One transaction: the new rows, the bounds, the counters."""
+    def _write(self, rows: list[tuple], added: dict[str, list[int]], now: float) -> None:
+        """One transaction: the new rows, the topics' marks, the bounds."""
         db = self._db
-        if db.in_transaction:       # a rollback that failed earlier
-            db.execute("ROLLBACK")
+        if self._stale:     # the last transaction failed: start from what the file says
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            self._read_counts()
         db.execute("BEGIN IMMEDIATE")
+        self._stale = True
         db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
-        topic_count, forgotten, retained = (self._topic_count, self._forgotten_through,
-                                            self._retained + len(rows))
-        for topic, seq in newest.items():
-            if db.execute("UPDATE topics SET last_seq = ? WHERE topic = ?",
-                          (seq, topic)).rowcount == 0:
+        for topic, (newest, count) in added.items():
+            kept = self._topics.pop(topic, None)
+            if kept is None:
                 # As in memory: a new topic's history counts everything that
                 # max_topics forgot so far as evicted from it.
-                db.execute("INSERT INTO topics VALUES (?, ?, ?)", (topic, forgotten, seq))
-                topic_count += 1
-            retained -= self._trim(topic, now)
-        while topic_count > self.max_topics:
-            topic, evicted, last = db.execute(
-                "SELECT topic, evicted_through, last_seq FROM topics "
-                "ORDER BY last_seq LIMIT 1").fetchone()
-            retained -= db.execute("DELETE FROM events WHERE topic = ?", (topic,)).rowcount
+                db.execute("INSERT INTO topics VALUES (?, ?, ?)",
+                           (topic, self._forgotten_through, newest))
+                kept = 0
+            else:
+                db.execute("UPDATE topics SET last_seq = ? WHERE topic = ?", (newest, topic))
+            kept += count
+            self._topics[topic] = kept - self._trim(topic, kept, now)   # the most recent now
+        forgotten = self._forgotten_through
+        while len(self._topics) > self.max_topics:
+            topic, _ = self._topics.popitem(last=False)
+            evicted, last = db.execute("SELECT evicted_through, last_seq FROM topics "
+                                       "WHERE topic = ?", (topic,)).fetchone()
+            db.execute("DELETE FROM events WHERE topic = ?", (topic,))
             db.execute("DELETE FROM topics WHERE topic = ?", (topic,))
-            forgotten = max(forgotten, evicted, last)
-            topic_count -= 1
-        db.executemany("UPDATE meta SET value = ? WHERE key = ?",
-                       [(str(last_seq), "last_seq"), (str(forgotten), "forgotten_through")])
+            self._forgotten_through = max(self._forgotten_through, evicted, last)
+        if self._forgotten_through != forgotten:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'forgotten_through'",
+                       (str(self._forgotten_through),))
         db.execute("COMMIT")
-        self._topic_count, self._forgotten_through, self._retained = (topic_count, forgotten,
-                                                                      retained)
+        self._stale = False
 
-    def _trim(self, topic: str, now: float) -> int:
-        """Delete what history_size and the TTL no longer keep of `topic`.
-        Returns how many rows went."""
+    def _trim(self, topic: str, kept: int, now: float) -> int:
+        """Delete what history_size and the TTL no longer keep of `topic`,
+        which has `kept` rows. Returns how many rows went."""
         db = self._db
-        over = db.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq DESC "
-                          "LIMIT 1 OFFSET ?", (topic, self.history_size)).fetchone()
-        cut = over[0] if over else 0
+        cut = 0
+        if kept > self.history_size:    # the seq of the newest row to go
+            cut = db.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq "
+                             "LIMIT 1 OFFSET ?", (topic, kept - self.history_size - 1)
+                             ).fetchone()[0]
         if self.history_ttl_s is not None:
             expired = db.execute("SELECT MAX(seq) FROM events WHERE topic = ? AND created < ?",
                                  (topic, now - self.history_ttl_s)).fetchone()[0]
@@ -2046,6 +2068,9 @@ class SQLiteHistory(History):
         with self._lock:
             try:
                 db = self._db
+                if self._stale:     # a failed append left the counts unsure
+                    self._rollback()
+                    self._read_counts()
                 evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
                                           f"WHERE topic IN ({marks})", topics))
                 gone = max(evicted.get(topic, self._forgotten_through) for topic in topics)
@@ -2068,10 +2093,11 @@ class SQLiteHistory(History):
     def stats(self) -> dict:
         cached = self._cache.stats()["events_retained"]
         with self._lock:
-            return {"run_id": self.run_id, "topics_with_history": self._topic_count,
-                    "events_retained": self._retained,
+            retained = sum(self._topics.values())
+            return {"run_id": self.run_id, "topics_with_history": len(self._topics),
+                    "events_retained": retained,
                     "store": {"path": self.path, "size_bytes": self.size_bytes(),
-                              "events_retained": self._retained, "events_cached": cached,
+                              "events_retained": retained, "events_cached": cached,
                               "commits": self.commits,
                               "commit_seconds": round(self.commit_seconds, 6),
                               "error": self.error}}

@@ -6,6 +6,7 @@
     python3 bench/bench.py --compare            # + sse-starlette, aiohttp-sse, nginx+nchan
     python3 bench/bench.py --redis              # + two instances behind one Redis
     python3 bench/bench.py --portable           # + ours in portable mode (no Linux fast paths)
+    python3 bench/bench.py --store              # + ours with --store (SQLite, synced)
 
 The load generator (bench/loadgen.c) is compiled with the machine's gcc at
 run time; it holds the subscriber connections on one epoll loop and reports
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import http.client
 import json
 import os
 import platform
 import resource
+import shutil
 import socket
 import subprocess
 import sys
@@ -108,6 +111,10 @@ class Target:
     def start(self, port: int) -> subprocess.Popen:
         raise NotImplementedError
 
+    def after(self, port: int) -> dict:
+        """Extra results, read from the server before it stops."""
+        return {}
+
     def stop(self, process: subprocess.Popen) -> None:
         process.terminate()
         try:
@@ -143,6 +150,50 @@ class DefaultLogServer(OurServer):
     def start(self, port):      # the log goes to stderr: written, and thrown away
         return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
+
+
+class StoreServer(OurServer):
+    """Ours with --store on a new file per run: every publish answered after
+    its batch is synced to disk. after() reads the store's counters."""
+
+    name = "sse_server.py --store"
+
+    def start(self, port):
+        self.folder = tempfile.mkdtemp(prefix="sse-bench-store-")
+        self.extra = ["--store", os.path.join(self.folder, "events.db")]
+        return super().start(port)
+
+    def after(self, port: int) -> dict:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/stats")
+        stats = json.loads(connection.getresponse().read())
+        connection.close()
+        store = stats["store"]
+        commits = max(store["commits"], 1)
+        return {"store_commits": store["commits"],
+                "store_ms_per_commit": round(1000 * store["commit_seconds"] / commits, 3),
+                "store_events_per_commit": round(stats["events_published"] / commits, 2),
+                "store_size_bytes": store["size_bytes"]}
+
+    def stop(self, process):
+        super().stop(process)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def sync_cost_ms(folder: str, count: int = 200) -> float:
+    """Median time of one 4 KiB write and fsync in `folder`: the floor
+    under every store commit on this disk."""
+    times = []
+    path = os.path.join(folder, "sync-probe")
+    with open(path, "wb") as file:
+        for _ in range(count):
+            started = time.perf_counter()
+            file.write(b"x" * 4096)
+            file.flush()
+            os.fsync(file.fileno())
+            times.append(time.perf_counter() - started)
+    os.remove(path)
+    return round(1000 * sorted(times)[count // 2], 3)
 
 
 # Imports the test module with SSE_PORTABLE=1, which applies the portable
@@ -192,6 +243,7 @@ def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dic
         result["server_cpu_s"] = round(cpu_seconds(pids) - cpu_before, 2)
         result["rss_per_subscriber_kib"] = round((rss_idle - rss_before) / subscribers / 1024, 2)
         result["server_rss_mib"] = round(rss_idle / 2**20, 1)
+        result.update(target.after(port))
         return result
     finally:
         if ports:
@@ -220,6 +272,11 @@ def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
             ("connect 10k subscribers", "S5", lambda r: f"{r['connect_s']:.2f} s"),
             ("RSS per idle subscriber (10k)", "S5", lambda r: f"{r['rss_per_subscriber_kib']:.2f} KiB"),
             ("lost events (all scenarios)", None, None)]
+    if any("store_commits" in r for target in results.values() for r in target.values()):
+        rows.insert(-1, ("S3 store: ms per commit / events per commit", "S3",
+                         lambda r: (f"{r['store_ms_per_commit']:.2f} ms / "
+                                    f"{r['store_events_per_commit']:.1f}"
+                                    if "store_commits" in r else "–")))
     lines = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for label, scenario, show in rows:
         cells = []
@@ -268,6 +325,8 @@ def main(argv=None) -> int:
                         help="also run two instances of ours behind one Redis")
     parser.add_argument("--portable", action="store_true",
                         help="also run ours in portable mode (the fallbacks other platforms use)")
+    parser.add_argument("--store", action="store_true",
+                        help="also run ours with --store (history synced to an SQLite file)")
     args = parser.parse_args(argv)
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -278,6 +337,8 @@ def main(argv=None) -> int:
         targets.append(DefaultLogServer())
     if args.portable:
         targets.append(PortableServer())
+    if args.store:
+        targets.append(StoreServer())
     if args.compare:
         from peers import peer_targets      # bench/peers.py: installs and starts the peers
         targets += peer_targets()
@@ -307,6 +368,10 @@ def main(argv=None) -> int:
         redis.close()
 
     table = markdown(results, scenarios)
+    if args.store:
+        with tempfile.TemporaryDirectory(prefix="sse-bench-sync-") as folder:
+            table += (f"\n\nOne 4 KiB write + fsync on this disk (median of 200): "
+                      f"{sync_cost_ms(folder)} ms")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
     report = (f"# Benchmark {stamp}\n\nMachine: {machine()}\n\nCommand: "
               f"`python3 bench/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
