@@ -136,6 +136,7 @@ HANGUP_CHECK_S = 1.0            # longest a hang-up goes unnoticed where the sel
 SELECT_MAX_SOCKETS = 500        # streams watched where only select() exists (512 on Windows)
 STORE_CACHE_SIZE = 100          # events per topic of a --store also kept in memory, for replay
 STORE_RETRY_AFTER_S = 2         # Retry-After sent with 503 while the store cannot write
+STORE_BUSY_TIMEOUT_S = 1.0      # wait this long for another program's write lock (a backup's)
 STORE_CHECKPOINT_PAGES = 256    # the store's write-ahead log is folded into the file at this size
 STORE_WAL_LIMIT_BYTES = 1 << 20  # and cut back to this size afterwards
 
@@ -169,6 +170,14 @@ try:
     import sqlite3
 except ImportError:     # some small builds leave it out; only --store needs it
     sqlite3 = None
+try:
+    import fcntl        # POSIX: flock() (Linux, macOS, BSD)
+except ImportError:
+    fcntl = None
+try:
+    import msvcrt       # Windows: locking()
+except ImportError:
+    msvcrt = None
 
 # Where a non-blocking call stopped: for a plain socket BlockingIOError; a TLS
 # socket may need to read to write (or the other way round) for its records.
@@ -227,6 +236,25 @@ def wait_with_select(sock: socket.socket, for_write: bool, timeout_s: float) -> 
 
 
 wait_ready = wait_with_poll if hasattr(select, "poll") else wait_with_select
+
+
+def lock_file(file) -> Optional[bool]:
+    """Lock an open file against other processes for as long as it stays
+    open; the OS lets go when the process ends, however it ends. False if
+    another process holds it, None where there is no such lock."""
+    if fcntl is not None and hasattr(fcntl, "flock"):
+        try:
+            fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            return False
+    if msvcrt is not None:
+        try:
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+            return True
+        except OSError:
+            return False
+    return None
 
 
 def hangup_selector() -> tuple[selectors.BaseSelector, Optional[int]]:
@@ -1847,8 +1875,8 @@ class SQLiteHistory(History):
     - Durable: append() returns after its transaction is committed and synced
       (write-ahead log, synchronous=FULL), one transaction per fan-out batch,
       so concurrent publishers share one sync.
-    - One server per file: the connection holds SQLite's exclusive lock from
-      start to close (locking_mode=EXCLUSIVE); a second server is refused.
+    - One server per file: a second server is refused (see _claim). Other
+      programs may read it meanwhile, so it can be backed up while running.
     - Bounded as the memory history is: history_size per topic, the TTL and
       max_topics; old rows are deleted in the transaction that adds new ones,
       and SQLite reuses their pages, so the file stays about the size of what
@@ -1870,11 +1898,17 @@ class SQLiteHistory(History):
         # Locking rule: _lock guards the connection (one statement at a time)
         # and every attribute below; it is never held with the broker's lock.
         self._lock = threading.Lock()
-        self._db = self._open(path)
+        self._owner = self._claim(path)     # held until close()
         try:
-            last_seq = self._load()
+            self._db = self._open(path, exclusive=self._owner is None)
+            try:
+                last_seq = self._load()
+            except BaseException:
+                self._db.close()
+                raise
         except BaseException:
-            self._db.close()
+            if self._owner is not None:
+                self._owner.close()
             raise
         self.last_id = format_event_id(self.run_id, last_seq) if last_seq else None
         self.error: Optional[str] = None    # why the last append failed; None once one works
@@ -1885,20 +1919,41 @@ class SQLiteHistory(History):
                                     clock=clock, run_id=self.run_id, kept_through=last_seq)
 
     @staticmethod
-    def _open(path: str):
-        if sqlite3 is None:
-            raise StoreError("this Python was built without the sqlite3 module, which --store needs")
+    def _claim(path: str):
+        """One server per file: lock PATH.lock for as long as this one runs
+        (it stays on disk, harmless). Returns that open file, or None where
+        the platform has no file locks: then SQLite's exclusive mode refuses
+        a second server instead (and refuses backups while running, too)."""
         if os.path.isdir(path):
             raise StoreError(f"{path} is a directory; give a file name such as "
                              f"{os.path.join(path, 'events.db')}")
+        if sqlite3 is None:
+            raise StoreError("this Python was built without the sqlite3 module, which "
+                             "--store needs")
         try:
-            db = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+            owner = open(path + ".lock", "a+b")
+        except OSError as error:
+            raise StoreError(f"cannot open {path}: {error.strerror}") from None
+        locked = lock_file(owner)
+        if locked is False:
+            owner.close()
+            raise StoreError(f"{path} is in use by another server (one server per file; "
+                             "several instances share events with --redis)")
+        if locked is None:
+            owner.close()
+            return None
+        return owner
+
+    @staticmethod
+    def _open(path: str, exclusive: bool):
+        try:
+            db = sqlite3.connect(path, timeout=STORE_BUSY_TIMEOUT_S, isolation_level=None,
+                                 check_same_thread=False)
         except sqlite3.Error as error:
             raise StoreError(f"cannot open {path}: {error}") from None
         try:
-            # Exclusive: the lock taken by the first write below is held until
-            # close(), so a second server on this file is refused at start.
-            db.execute("PRAGMA locking_mode=EXCLUSIVE")
+            if exclusive:   # held from the first write below until close()
+                db.execute("PRAGMA locking_mode=EXCLUSIVE")
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
                 raise StoreError(f"{path}: SQLite cannot keep a write-ahead log here")
             # FULL: a commit is on disk when it returns. (NORMAL, in WAL mode,
@@ -1910,7 +1965,7 @@ class SQLiteHistory(History):
             db.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as error:
             db.close()
-            if "locked" in str(error):
+            if "locked" in str(error) and exclusive:
                 raise StoreError(f"{path} is in use by another server (one server per "
                                  "file; several instances share events with --redis)") from None
             raise StoreError(f"cannot use {path}: {error}") from None
@@ -2121,6 +2176,8 @@ class SQLiteHistory(History):
     def close(self) -> None:
         with self._lock:
             self._db.close()      # the last connection: SQLite checkpoints the log into the file
+            if self._owner is not None:
+                self._owner.close()
 
 
 # --- Metrics: the Prometheus text exposition of server.stats() --------------------------

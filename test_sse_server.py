@@ -42,8 +42,9 @@ def install_portable_shim() -> None:
     os.writev; os.read and os.write on a socket descriptor (EBADF, as a
     socket there is no C file descriptor); epoll, devpoll and kqueue (so the
     hang-up selector is the next best); MSG_DONTWAIT and MSG_NOSIGNAL; the
-    resource and ctypes modules. sys.platform is left alone: the server must
-    detect capabilities, not platforms.
+    resource, ctypes and fcntl modules (so the store has no file lock, as
+    on a platform with neither flock nor msvcrt.locking). sys.platform is
+    left alone: the server must detect capabilities, not platforms.
 
     poll() stays: Windows has none, but select() on Linux refuses descriptor
     numbers above 1023, which Windows' does not, so hiding it would test a
@@ -72,7 +73,7 @@ def install_portable_shim() -> None:
             if hasattr(module, name):
                 delattr(module, name)
     selectors.DefaultSelector = selectors.PollSelector
-    for name in ("resource", "ctypes"):
+    for name in ("resource", "ctypes", "fcntl"):
         sys.modules[name] = None    # import now raises ImportError
 
 
@@ -2944,6 +2945,26 @@ class StoreServerTests(ServerTestCase):
         again = StreamClient(self.port, "topic=d&lastEventId=" + acknowledged[0])
         self.addCleanup(again.close)
         self.assertEqual(again.next_event().id, acknowledged[1])
+
+    def test_a_backup_taken_while_running_is_a_store_with_every_acknowledged_event(self):
+        if self.server.broker.history._owner is None:
+            self.skipTest("no file lock here: the store falls back to SQLite's exclusive "
+                          "mode, which lets no other program read it while running")
+        ids = [publish_form(self.port, topic="b", data=str(n))["id"] for n in range(5)]
+        copy = os.path.join(os.path.dirname(self.path), "copy.db")
+        if shutil.which("sqlite3"):     # as the README says
+            command = ["sqlite3", self.path, f".backup {copy}"]
+        else:                           # the same SQLite backup API, from Python
+            command = [sys.executable, "-c", "import sqlite3, sys; sqlite3.connect(sys.argv[1])"
+                       ".backup(sqlite3.connect(sys.argv[2]))", self.path, copy]
+        subprocess.run(command, check=True, timeout=WAIT_S, capture_output=True)
+        self.assertEqual(publish_form(self.port, topic="b", data="still serving")["id"],
+                         f"{self.server.broker.run_id}-6")
+        restored = Broker(history=sse_server.SQLiteHistory(copy))
+        self.addCleanup(restored.close)
+        _, replay = restored.subscribe(["b"], last_event_id=f"{restored.run_id}-0")
+        self.assertEqual([(e.id, e.data) for e in events_of(replay)],
+                         [(event_id, str(n)) for n, event_id in enumerate(ids)])
 
     def test_stats_show_the_store(self):
         publish_form(self.port, topic="s", data="x")
