@@ -30,8 +30,10 @@ the fan-out writes it straight to every idle subscriber's socket without
 waking its thread, and queues it for the busy ones. Nothing ever waits for a
 client: a subscriber whose queue is full is dropped, so a slow client only
 hurts itself. Event ids and per-topic history make reconnection lossless
-(Last-Event-ID); --redis shares all of it between instances; JWT scopes,
-CORS, TLS and per-client limits are there for exposed deployments.
+(Last-Event-ID); --store keeps them across restarts in an SQLite file,
+--redis shares them between instances (both behind the History interface);
+JWT scopes, CORS, TLS and per-client limits are there for exposed
+deployments.
 
 Roadmap of one request
     SSEServer.serve_forever                 (socketserver's loop)
@@ -44,7 +46,8 @@ Roadmap of one request
             shutdown_request                close the socket
 Meant to be overridden: SSERequestHandler.routes and _handle_* methods (add
 an endpoint), SSEServer.verify_request (refuse a peer before it costs a
-thread), handle_error, and log_message.
+thread), handle_error, and log_message. Meant to be implemented: History
+(where events are kept; Broker(history=...)).
 
 The premise of the I/O: every connection's socket is non-blocking. A read or
 write is tried at once, one system call on every platform, and only when it
@@ -331,6 +334,7 @@ class ServiceUnavailable(HTTPError):
 
     def __init__(self, reason: str, retry_after_s: int = RETRY_AFTER_S):
         super().__init__(reason, headers=[("Retry-After", str(retry_after_s))])
+        self.retry_after_s = retry_after_s
 
 
 # --- Wire format: pure functions, no I/O -----------------------------------------
@@ -1410,8 +1414,8 @@ class Broker:
                           self._clock(), topic_list)
             self._pending.append(item)
             self._flush_locked(item.seq)
-        if item.refused:
-            raise item.refused
+        if item.refused:    # each of the batch's publishers raises an error of its own
+            raise ServiceUnavailable(item.refused.reason, item.refused.retry_after_s)
         return Published(event_id, item.reached)
 
     def hand_out(self, entries: Iterable[tuple[Optional[str], bytes, Optional[tuple]]]) -> None:
@@ -2168,10 +2172,10 @@ class SQLiteHistory(History):
         return size
 
     def health(self) -> tuple[bool, str]:
-        with self._lock:
-            if self.error is None:
-                return True, "ok"
-            return False, f"degraded: the event store cannot keep events ({self.error})"
+        error = self.error      # not under the lock: a sync that hangs must not hang /healthz
+        if error is None:
+            return True, "ok"
+        return False, f"degraded: the event store cannot keep events ({error})"
 
     def close(self) -> None:
         with self._lock:
@@ -2231,6 +2235,17 @@ def format_metrics(stats: dict) -> bytes:
            "socket and queued it for the busy ones.",
            [*[("_bucket", (("le", le),), count) for le, count in delivery["buckets"]],
             ("_sum", (), repr(delivery["sum"])), ("_count", (), delivery["count"])])
+    store = stats.get("store")
+    if store is not None:
+        single("sse_store_up", "gauge", "1 while the event store can write (--store).",
+               int(store["error"] is None))
+        single("sse_store_size_bytes", "gauge", "The store's file and its write-ahead log.",
+               store["size_bytes"])
+        single("sse_store_commits_total", "counter",
+               "Transactions committed and synced to disk (one per fan-out batch).",
+               store["commits"])
+        single("sse_store_commit_seconds_total", "counter",
+               "Time spent committing and syncing.", repr(store["commit_seconds"]))
     redis = stats.get("redis")
     if redis is not None:
         single("sse_redis_connected", "gauge", "1 while the Redis reader is connected.",
