@@ -95,7 +95,7 @@ from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 __all__ = [
     "SSEServer", "SSERequestHandler", "BurstAcceptMixIn", "Broker", "Subscriber", "StreamSink",
     "SocketIO", "Published", "Payload",
-    "HTTPError", "format_event", "format_comment", "format_retry",
+    "HTTPError", "ServiceUnavailable", "format_event", "format_comment", "format_retry",
     "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
     "History", "MemoryHistory", "SQLiteHistory", "RedisHistory", "StoreError",
@@ -1916,6 +1916,7 @@ class SQLiteHistory(History):
             raise
         self.last_id = format_event_id(self.run_id, last_seq) if last_seq else None
         self.error: Optional[str] = None    # why the last append failed; None once one works
+        self._closed = False
         self.commits = 0
         self.commit_seconds = 0.0
         self._cache = MemoryHistory(history_size=min(history_size, cache_size),
@@ -2027,6 +2028,8 @@ class SQLiteHistory(History):
                 seen[0] = item.seq
                 seen[1] += 1
         with self._lock:
+            if self._closed:    # a publish racing the shutdown
+                raise ServiceUnavailable("server is shutting down")
             started = time.monotonic()
             try:
                 self._write(rows, added, now)
@@ -2125,6 +2128,8 @@ class SQLiteHistory(History):
         where = f"topic IN ({marks}) AND seq > ? AND seq <= ?"
         params = [*topics, after, upto]
         with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("server is shutting down")
             try:
                 db = self._db
                 if self._stale:     # a failed append left the counts unsure
@@ -2179,6 +2184,7 @@ class SQLiteHistory(History):
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             self._db.close()      # the last connection: SQLite checkpoints the log into the file
             if self._owner is not None:
                 self._owner.close()

@@ -2876,6 +2876,15 @@ class StoreTests(unittest.TestCase):
         broker.close()
         self.assertLess(os.path.getsize(self.path), 512 * 1024)
 
+    def test_a_publish_after_close_is_refused_quietly(self):
+        broker = self.open()
+        broker.close()
+        logged = len(SERVER_LOG.records)
+        with self.assertRaises(sse_server.ServiceUnavailable) as caught:
+            broker.publish("late", "x")
+        self.assertIn("shutting down", caught.exception.reason)
+        self.assertEqual(SERVER_LOG.records[logged:], [])
+
     def test_a_second_server_on_the_file_is_refused(self):
         self.open()
         with self.assertRaises(sse_server.StoreError) as caught:
