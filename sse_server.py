@@ -1957,6 +1957,12 @@ class SQLiteHistory(History):
         except sqlite3.Error as error:
             raise StoreError(f"cannot open {path}: {error}") from None
         try:
+            # Before anything changes the file (even its journal mode): is it ours?
+            tables = {name for name, in db.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if tables and not {"meta", "topics", "events"} <= tables:
+                raise StoreError(f"{path} is an SQLite database of something else; "
+                                 "give the store a file of its own")
             if exclusive:   # held from the first write below until close()
                 db.execute("PRAGMA locking_mode=EXCLUSIVE")
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":

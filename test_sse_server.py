@@ -22,6 +22,7 @@ import selectors
 import shutil
 import signal
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -2896,13 +2897,20 @@ class StoreTests(unittest.TestCase):
         with open(garbage, "wb") as file:
             file.write(random.Random(1).randbytes(8192) if hasattr(random.Random, "randbytes")
                        else bytes(random.Random(1).getrandbits(8) for _ in range(8192)))
+        other = os.path.join(self.folder, "other.db")
+        with contextlib.closing(sqlite3.connect(other)) as database:
+            database.execute("CREATE TABLE invoices (number INTEGER)")
+            database.commit()
         for path, says in ((self.folder, "is a directory"),
                            (garbage, "is not an SQLite database"),
+                           (other, "an SQLite database of something else"),
                            (os.path.join(self.folder, "no", "such", "folder.db"), "cannot open")):
             with self.subTest(path=path), self.assertRaises(sse_server.StoreError) as caught:
                 sse_server.SQLiteHistory(path)
             self.assertIn(says, str(caught.exception))
             self.assertNotIn("\n", str(caught.exception))
+        with contextlib.closing(sqlite3.connect(other)) as database:     # left as it was
+            self.assertEqual(database.execute("PRAGMA journal_mode").fetchone()[0], "delete")
 
 
 class StoreServerTests(ServerTestCase):
