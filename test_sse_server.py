@@ -3719,7 +3719,8 @@ class CommandLineTests(unittest.TestCase):
                        "--jwt-cookie", "--private-topic", "--require-auth", "--cors-origin",
                        "--certfile", "--keyfile", "--max-clients-per-ip", "--publish-rate",
                        "--publish-burst", "--max-header-bytes", "--redis", "--redis-key",
-                       "--trusted-proxy", "--metrics-token", "--csp"):
+                       "--trusted-proxy", "--metrics-token", "--csp", "--store",
+                       "--store-cache"):
             self.assertIn(option, output)
 
     def test_redis_without_the_package_says_how_to_install_it(self):
@@ -3737,11 +3738,14 @@ class CommandLineTests(unittest.TestCase):
                          ["sse_server: --redis needs the redis package: pip install redis"])
 
     def test_bad_option_value_is_refused(self):
-        process = subprocess.run(
-            [sys.executable, os.path.join(HERE, "sse_server.py"), "--queue-size", "0"],
-            capture_output=True, text=True, timeout=WAIT_S)
-        self.assertEqual(process.returncode, 2)
-        self.assertIn("--queue-size must be greater than 0", process.stderr)
+        for args, says in ((["--queue-size", "0"], "--queue-size must be greater than 0"),
+                           (["--store-cache", "-1"], "--store-cache must not be negative")):
+            with self.subTest(args=args):
+                process = subprocess.run(
+                    [sys.executable, os.path.join(HERE, "sse_server.py"), *args],
+                    capture_output=True, text=True, timeout=WAIT_S)
+                self.assertEqual(process.returncode, 2)
+                self.assertIn(says, process.stderr)
 
     def test_runs_prints_url_and_stops_on_sigterm(self):
         process = subprocess.Popen(
