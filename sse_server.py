@@ -1481,9 +1481,14 @@ class Broker:
         try:
             self.history.append(batch)
             return True
-        except ServiceUnavailable as error:
+        except BaseException as error:
+            # Whatever went wrong, no publisher of the batch may be told it was kept.
+            refused = error if isinstance(error, ServiceUnavailable) else ServiceUnavailable(
+                "the events could not be kept; see the server's log")
             for item in batch:
-                item.refused = error
+                item.refused = refused
+            if refused is not error:
+                raise       # a bug: the leader's own request reports it
             return False
         finally:
             self._lock.acquire()

@@ -720,6 +720,43 @@ class BrokerTests(unittest.TestCase):
                 self.assertEqual(json.loads(reset.data)["lastEventId"], stale)
                 self.assertEqual(event.data, "x")
 
+    def test_a_history_that_fails_acknowledges_no_event_of_its_batch(self):
+        """Even a history with a bug: the leader's publish raises it, the
+        other publishers of the batch get 503, none is told it was kept."""
+        gate, batches = threading.Event(), []
+
+        class Failing(sse_server.MemoryHistory):
+            def append(self, batch):
+                batches.append(len(batch))
+                if len(batches) > 1:
+                    raise RuntimeError("a bug in a history")
+                gate.wait(WAIT_S)       # hold the first batch while two more queue
+                super().append(batch)
+
+        broker = Broker(history=Failing())
+        outcomes = {}
+
+        def publish(name):
+            try:
+                outcomes[name] = broker.publish("a", name).id
+            except Exception as error:      # what each publisher was told
+                outcomes[name] = type(error).__name__
+
+        threads = [threading.Thread(target=publish, args=(name,)) for name in "abc"]
+        threads[0].start()
+        wait_until(lambda: batches == [1], message="the first batch in append()")
+        for thread in threads[1:]:
+            thread.start()
+        wait_until(lambda: len(broker._pending) == 2, message="two events queued behind it")
+        gate.set()
+        for thread in threads:
+            thread.join(WAIT_S)
+        self.assertEqual(batches, [1, 2])
+        self.assertEqual(outcomes["a"], f"{broker.run_id}-1")
+        self.assertEqual(sorted([outcomes["b"], outcomes["c"]]),
+                         ["RuntimeError", "ServiceUnavailable"])
+        self.assertEqual(broker.stats()["events_published"], 1)
+
     def test_max_subscribers(self):
         broker = Broker(max_subscribers=2)
         first, _ = broker.subscribe(["a"])
