@@ -220,7 +220,11 @@ class StreamClient:
         self.parser = EventStreamParser()
         self.ended = False          # saw the terminating chunk
         self.closed = False         # saw EOF
-        self.status, self.headers = self._read_head()
+        try:
+            self.status, self.headers = self._read_head()
+        except BaseException:       # the caller gets no client to close
+            self.sock.close()
+            raise
         self.chunked = self.headers.get("transfer-encoding") == "chunked"
         self._decode()      # the first chunk may have come with the headers
 
