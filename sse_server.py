@@ -1752,9 +1752,11 @@ class History:
 class _TopicHistory:
     __slots__ = ("events", "kept_at", "evicted_through")
 
-    def __init__(self, evicted_through: int = 0):
+    def __init__(self, evicted_through: int = 0, timed: bool = False):
         self.events: collections.deque = collections.deque()
-        self.kept_at: collections.deque = collections.deque()   # with a TTL: when, per event
+        # With a TTL, when each event was kept (an empty deque is ~770 bytes,
+        # so topics without a TTL have none).
+        self.kept_at: Optional[collections.deque] = collections.deque() if timed else None
         self.evicted_through = evicted_through  # highest seq of this topic no longer retained
 
 
@@ -1792,7 +1794,8 @@ class MemoryHistory(History):
                 # The topic may have had a history that max_topics forgot: which
                 # topics did is not kept (that would grow without bound), so a new
                 # history counts everything forgotten so far as evicted from it.
-                history = self._topics[topic] = _TopicHistory(self._forgotten_through)
+                history = self._topics[topic] = _TopicHistory(
+                    self._forgotten_through, timed=self.history_ttl_s is not None)
                 while len(self._topics) > self.max_topics:
                     _, forgotten = self._topics.popitem(last=False)
                     newest = forgotten.events[-1].seq if forgotten.events else 0
@@ -1801,7 +1804,7 @@ class MemoryHistory(History):
             else:
                 self._topics.move_to_end(topic)
             history.events.append(event)
-            if self.history_ttl_s is not None:
+            if history.kept_at is not None:
                 history.kept_at.append(self._clock())
             if len(history.events) > self.history_size:
                 self._evict_oldest(history)
