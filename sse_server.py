@@ -1878,6 +1878,11 @@ STORE_SCHEMA = (
 class StoreError(Exception):
     """A --store file that cannot be used; the message is one line for the user."""
 
+    @classmethod
+    def in_use(cls, path: str) -> "StoreError":
+        return cls(f"{path} is in use by another server (one server per file; several "
+                   "instances share events with --redis)")
+
 
 class SQLiteHistory(History):
     """The history and the id sequence in an SQLite file, so that a restart
@@ -1950,8 +1955,7 @@ class SQLiteHistory(History):
         locked = lock_file(owner)
         if locked is False:
             owner.close()
-            raise StoreError(f"{path} is in use by another server (one server per file; "
-                             "several instances share events with --redis)")
+            raise StoreError.in_use(path)
         if locked is None:
             owner.close()
             return None
@@ -1985,8 +1989,7 @@ class SQLiteHistory(History):
         except sqlite3.OperationalError as error:
             db.close()
             if "locked" in str(error) and exclusive:
-                raise StoreError(f"{path} is in use by another server (one server per "
-                                 "file; several instances share events with --redis)") from None
+                raise StoreError.in_use(path) from None
             raise StoreError(f"cannot use {path}: {error}") from None
         except sqlite3.DatabaseError as error:
             db.close()
@@ -2065,10 +2068,7 @@ class SQLiteHistory(History):
     def _write(self, rows: list[tuple], added: dict[str, list[int]], now: float) -> None:
         """One transaction: the new rows, the topics' marks, the bounds."""
         db = self._db
-        if self._stale:     # the last transaction failed: start from what the file says
-            if db.in_transaction:
-                db.execute("ROLLBACK")
-            self._read_counts()
+        self._recover_if_stale()
         db.execute("BEGIN IMMEDIATE")
         self._stale = True
         db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
@@ -2118,6 +2118,14 @@ class SQLiteHistory(History):
         return db.execute("DELETE FROM events WHERE topic = ? AND seq <= ?",
                           (topic, cut)).rowcount
 
+    def _recover_if_stale(self) -> None:
+        """After a transaction that failed: end what is left of it, and take
+        the counts from what the file says again."""
+        if self._stale:
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
+            self._read_counts()
+
     def _rollback(self) -> None:
         try:
             if self._db.in_transaction:
@@ -2146,9 +2154,7 @@ class SQLiteHistory(History):
                 raise ServiceUnavailable("server is shutting down")
             try:
                 db = self._db
-                if self._stale:     # a failed append left the counts unsure
-                    self._rollback()
-                    self._read_counts()
+                self._recover_if_stale()
                 evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
                                           f"WHERE topic IN ({marks})", topics))
                 gone = max(evicted.get(topic, self._forgotten_through) for topic in topics)
@@ -2513,6 +2519,8 @@ def redact_tokens(text: str) -> str:
     """Text for the log: tokens in query strings (EventSource cannot send
     headers, so they come there) never reach it."""
     return _TOKEN_IN_QUERY.sub(r"\1[redacted]", text)
+
+
 CORS_ALLOW_HEADERS = "Authorization, Content-Type, Last-Event-ID"
 
 
