@@ -618,12 +618,19 @@ def unchunk(data: bytes) -> bytes:
     return payload
 
 
-def data_of(frames):
-    """The data of every event in queued items (chunked) or replay frames (raw)."""
+def events_of(frames):
+    """The events in queued items (chunked) or replay frames (raw), as the
+    client parses them."""
     parser = EventStreamParser()
     for frame in frames:
-        parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
-    return [event.data for event in parser.events]
+        if isinstance(frame, bytes):    # the queue also ends with a StreamEnd
+            parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
+    return list(parser.events)
+
+
+def data_of(frames):
+    """The data of every event in queued items or replay frames."""
+    return [event.data for event in events_of(frames)]
 
 
 class BrokerTests(unittest.TestCase):
@@ -715,10 +722,7 @@ class BrokerTests(unittest.TestCase):
         for stale in ("0000-1", "garbage", f"{broker.run_id}-99"):
             with self.subTest(id=stale):
                 _, replay = broker.subscribe(["a"], last_event_id=stale)
-                parser = EventStreamParser()
-                for frame in replay:
-                    parser.feed(frame)
-                reset, event = parser.events
+                reset, event = events_of(replay)
                 self.assertEqual(reset.type, "reset")
                 self.assertEqual(json.loads(reset.data)["reason"], "unknown-id")
                 self.assertEqual(json.loads(reset.data)["lastEventId"], stale)
@@ -2636,15 +2640,6 @@ class RedisTests(unittest.TestCase):
 
 # --- History: one contract for every backend; the store across restarts ---------------------
 
-def events_of(frames):
-    """The events in replay frames and queued chunks, as the client parses them."""
-    parser = EventStreamParser()
-    for frame in frames:
-        if isinstance(frame, bytes):    # the queue also ends with a StreamEnd
-            parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
-    return list(parser.events)
-
-
 class HistoryContract:
     """What every History does, seen through a Broker, its only caller.
     A backend's test class gives make_history(**bounds)."""
@@ -2745,10 +2740,7 @@ class BoundedHistoryContract(HistoryContract):
         broker.publish("c", "c")        # forgets a's history
         broker.publish("a", "a3")       # a starts a new one
         _, replay = broker.subscribe(["a"], last_event_id=a1)
-        parser = EventStreamParser()
-        for frame in replay:
-            parser.feed(frame)
-        reset, event = parser.events
+        reset, event = events_of(replay)
         self.assertEqual((reset.type, json.loads(reset.data)["reason"]),
                          ("reset", "history-exceeded"))      # a2 was missed: say so
         self.assertEqual(event.data, "a3")
@@ -2773,11 +2765,8 @@ class BoundedHistoryContract(HistoryContract):
             publish_watched(rng.randint(0, 2), "while away, later")
             subscriber, replay = broker.subscribe(["watched"], last_event_id=last_id)
             publish_watched(rng.randint(0, 2), "live")
-            parser = EventStreamParser()
-            for frame in replay + drain(subscriber):
-                parser.feed(unchunk(frame) if re.match(rb"[0-9A-F]+\r\n", frame) else frame)
+            events = events_of(replay + drain(subscriber))
             broker.unsubscribe(subscriber)
-            events = list(parser.events)
             if events and events[0].type == "reset":
                 resets += 1
                 got = []            # start over from what the replay holds
@@ -3789,31 +3778,18 @@ class CommandLineTests(unittest.TestCase):
                 self.assertIn(says, process.stderr)
 
     def test_runs_prints_url_and_stops_on_sigterm(self):
-        process = subprocess.Popen(
-            [sys.executable, os.path.join(HERE, "sse_server.py"), "--port", "0",
-             "--log-level", "warning"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            line = process.stdout.readline()
-            match = re.search(r"http://127\.0\.0\.1:(\d+)/", line)
-            self.assertTrue(match, line)
-            client = StreamClient(int(match.group(1)), "topic=cli")
-            self.addCleanup(client.close)
-            while "connected" not in client.parser.comments:
-                client.pump()
-            started = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            self.assertEqual(process.wait(timeout=WAIT_S), 0)
-            self.assertLess(time.monotonic() - started, 2.0)
-            client.read_to_end()
-            self.assertTrue(client.ended)
-            self.assertNotIn("Traceback", process.stderr.read())
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            process.stdout.close()
-            process.stderr.close()
+        server = ServerProcess(self)        # fails unless it prints its URL
+        client = StreamClient(server.port, "topic=cli")
+        self.addCleanup(client.close)
+        while "connected" not in client.parser.comments:
+            client.pump()
+        started = time.monotonic()
+        errors = server.stop(signal.SIGTERM)
+        self.assertEqual(server.process.returncode, 0)
+        self.assertLess(time.monotonic() - started, 2.0)
+        client.read_to_end()
+        self.assertTrue(client.ended)
+        self.assertNotIn("Traceback", errors)
 
 
 if __name__ == "__main__":
