@@ -22,32 +22,47 @@ Python API
     event_id, reached = server.broker.publish("news", {"a": 1}, event="update")
     server.shutdown(); server.server_close()
 
-How it works: ThreadingHTTPServer gives every connection a thread. A
-subscriber's thread registers a Subscriber (topics, a queue, its socket) with
-the Broker, then waits on its queue, writing what arrives, or a heartbeat
-comment when nothing did for a while. Broker.publish formats an event once;
-the fan-out writes it straight to every idle subscriber's socket without
-waking its thread, and queues it for the busy ones. Nothing ever waits for a
-client: a subscriber whose queue is full is dropped, so a slow client only
-hurts itself. Event ids and per-topic history make reconnection lossless
-(Last-Event-ID); --store keeps them across restarts in an SQLite file,
---redis shares them between instances (both behind the History interface);
-JWT scopes, CORS, TLS and per-client limits are there for exposed
-deployments.
+How it works: every connection has a thread of its own (BurstAcceptMixIn
+starts them; the ThreadingHTTPServer base gives the rest of the HTTP
+server). A subscriber's thread registers a Subscriber (topics, a queue, its
+socket) with the Broker, then waits on its queue, writing what arrives, or a
+heartbeat comment when nothing did for a while. Broker.publish formats an
+event once; the fan-out writes it straight to every idle subscriber's
+socket without waking its thread, and queues it for the busy ones. Nothing
+ever waits for a client: a subscriber whose queue is full is dropped, so a
+slow client only hurts itself. Event ids and a History (memory, an SQLite
+file with --store, Redis with --redis) make reconnection lossless
+(Last-Event-ID); JWT scopes, CORS, TLS and per-client limits are there for
+exposed deployments. Every option is a field of Settings.
 
-Roadmap of one request
-    SSEServer.serve_forever                 (socketserver's loop)
-      BurstAcceptMixIn._handle_request_noblock   accept what waits, verify_request()
-        process_request                     take a start-up turn, start a thread
-          process_request_thread            (the connection's own thread)
-            SSERequestHandler.handle_one_request   read and parse one request
-              _dispatch -> _handle_events / _handle_publish / ...
-                _handle_events: Broker.subscribe, then Subscriber.pump until the end
-            shutdown_request                close the socket
-Meant to be overridden: SSERequestHandler.routes and _handle_* methods (add
-an endpoint), SSEServer.verify_request (refuse a peer before it costs a
-thread), handle_error, and log_message. Meant to be implemented: History
-(where events are kept; Broker(history=...)).
+Roadmap (each name is real: a test resolves them all)
+  One connection:
+    SSEServer.serve_forever                   socketserver's loop
+      BurstAcceptMixIn._handle_request_noblock  accept what waits; verify_request
+        BurstAcceptMixIn.process_request      take a StartupTurn, start a thread
+          BurstAcceptMixIn.process_request_thread   the connection's own thread
+            SSERequestHandler.handle_one_request    read one request
+              SSERequestHandler.parse_request       the request line, read_headers
+              SSERequestHandler._dispatch           SSERequestHandler.routes
+  A subscribe (GET /events):
+    SSERequestHandler._handle_events
+      SSERequestHandler._check_events_request   validate_topics, AccessPolicy.check_subscribe
+      Broker.subscribe                        register; History.replay up to that mark
+      SSERequestHandler._start_stream         head and first bytes; the replay
+      StreamSink.pump                         park, write what is queued, heartbeats
+      StreamSink.say_goodbye, StreamSink.close, Broker.unsubscribe
+  A publish (POST /publish):
+    SSERequestHandler._handle_publish
+      RateLimiter.acquire, AccessPolicy.check_publisher, parse_publish
+      Broker.publish                          an id and a frame, queued for fan-out
+        Broker._flush_through                 one leader at a time takes the batch:
+          History.append                      kept (with --store: synced) first,
+          Broker._shares_locked               who gets what,
+          Broker._write_shares                StreamSink.deliver to each subscriber
+Meant to be overridden: SSERequestHandler.routes with its handler methods (a
+route family), SSEServer.verify_request (refuse a peer before it costs a
+thread), handle_error and log_message. Meant to be implemented: History
+(where events are kept: SSEServer(history=...)).
 
 The premise of the I/O: every connection's socket is non-blocking. A read or
 write is tried at once, one system call on every platform, and only when it
@@ -61,9 +76,13 @@ MSG_NOSIGNAL, OS tuning) is detected once, in the "Platform" section.
 from __future__ import annotations
 
 import argparse
+import array
 import base64
+import binascii
 import bisect
 import collections
+import dataclasses
+import errno
 import gc
 import hashlib
 import hmac
@@ -93,12 +112,14 @@ from http import HTTPStatus
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
 __all__ = [
-    "SSEServer", "SSERequestHandler", "BurstAcceptMixIn", "Broker", "Subscriber", "StreamSink",
+    "Settings", "SSEServer", "SSERequestHandler", "BurstAcceptMixIn", "Broker", "Subscriber",
+    "StreamSink",
     "SocketIO", "Published", "Payload",
     "HTTPError", "ServiceUnavailable", "format_event", "format_comment", "format_retry",
-    "encode_chunk", "split_lines", "parse_event_id", "validate_topics",
+    "encode_chunk", "split_lines", "parse_event_id", "format_reset_event", "validate_topics",
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
-    "History", "MemoryHistory", "SQLiteHistory", "RedisHistory", "StoreError",
+    "History", "Retention", "MemoryHistory", "SQLiteHistory", "RedisHistory", "StoreError",
+    "open_history",
     "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
 ]
 
@@ -128,6 +149,7 @@ JWT_LEEWAY_S = 30               # clock skew allowed on exp and nbf
 JWT_COOKIE = "sse_token"        # cookie read for a JWT (EventSource withCredentials)
 RETRY_AFTER_S = 5               # Retry-After sent with 503 when full
 SHUTDOWN_GRACE_S = 1.5          # time streams get to say goodbye before sockets are cut
+CLOSE_WAIT_S = 2.0              # longest shutdown waits for a fan-out (or a commit) under way
 SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
 MAX_CHUNK_BYTES = 256 * 1024    # replayed frames are joined into chunks up to this size
 FAN_OUT_SPLIT_SUBSCRIBERS = 500   # a fan-out to more is shared with a helper thread
@@ -135,13 +157,17 @@ THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command li
 STARTUP_TURNS = 1               # connections being set up at once (see BurstAcceptMixIn)
 STARTUP_WAIT_S = 0.05           # start a connection anyway after waiting this long for a turn
 ACCEPTS_PER_WAKEUP = 64         # connections taken from the backlog per wake-up of the accept loop
+ACCEPT_BACKOFF_S = (0.05, 1.0)  # pause of the accept loop out of descriptors: first, longest
+ACCEPT_WARNING_EVERY_S = 10.0   # at most one "out of descriptors" warning this often
 HANGUP_CHECK_S = 1.0            # longest a hang-up goes unnoticed where the selector needs a re-poll
 SELECT_MAX_SOCKETS = 500        # streams watched where only select() exists (512 on Windows)
+FORGOTTEN_BUCKETS = 16384       # marks of topics --max-topics dropped (8 bytes each)
 STORE_CACHE_SIZE = 100          # events per topic of a --store also kept in memory, for replay
 STORE_RETRY_AFTER_S = 2         # Retry-After sent with 503 while the store cannot write
 STORE_BUSY_TIMEOUT_S = 1.0      # wait this long for another program's write lock (a backup's)
 STORE_CHECKPOINT_PAGES = 256    # the store's write-ahead log is folded into the file at this size
 STORE_WAL_LIMIT_BYTES = 1 << 20  # and cut back to this size afterwards
+REDIS_KEY = "sse:events"        # the Redis Stream every --redis instance reads and writes
 
 # Topic names: ASCII letters, digits and - _ . : / @ (no spaces, no '*', which
 # is kept for patterns, and no '+', which a query string turns into a space).
@@ -155,6 +181,178 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
     "connect-src 'self'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
 )
+
+
+# --- Settings: every option, defined once --------------------------------------------------
+#
+# Each field of Settings is one option: its default, its command-line flag and
+# its help text, side by side. build_parser() derives the command line from
+# this list, main() builds a Settings from the arguments, SSEServer takes one
+# (or keywords that override the defaults), and the handler reads
+# self.server.settings. Adding an option is adding one field here.
+
+def _option(default, flag: str, help: str, *, metavar: Optional[str] = None,
+            type: Optional[Callable] = None, env: Optional[str] = None,
+            group: Optional[str] = None, shown: Optional[str] = None,
+            choices: Optional[Sequence[str]] = None, check: Optional[str] = None,
+            secret: bool = False):
+    """A Settings field. `shown` is how --help names the default (else it is
+    the default itself); `check` is "positive" or "not_negative"; a `secret`
+    is left out of the settings' repr (and so of logs and tracebacks)."""
+    kind = ("flag" if isinstance(default, bool) else "list" if isinstance(default, tuple)
+            else "value")
+    return dataclasses.field(default=default, repr=not secret, metadata={
+        "flag": flag, "help": help, "metavar": metavar, "type": type, "env": env,
+        "group": group, "shown": shown, "choices": choices, "check": check, "kind": kind})
+
+
+_SECURITY = "access control and hardening"
+_STORE = "history across restarts"
+_REDIS = "several instances (Redis)"
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything a server can be told. Checked when made: a value that cannot
+    work raises ValueError, naming its command-line flag."""
+
+    host: str = _option("127.0.0.1", "--host",
+                        "address to bind; 0.0.0.0 or :: for every interface")
+    port: int = _option(DEFAULT_PORT, "--port",
+                        "port to bind; 0 picks a free one (the URL is printed)", type=int)
+    static_dir: Optional[str] = _option(None, "--static", "folder served at /", metavar="DIR",
+                                        shown="static/ beside this file")
+    csp: Optional[str] = _option(None, "--csp", "Content-Security-Policy sent with HTML files",
+                                 metavar="POLICY",
+                                 shown="a strict one for the demo page, none for --static")
+    heartbeat_s: float = _option(HEARTBEAT_S, "--heartbeat",
+                                 "seconds of silence before a heartbeat comment",
+                                 metavar="S", type=float, check="positive")
+    retry_ms: int = _option(RETRY_MS, "--retry",
+                            "reconnection delay sent to clients when they connect",
+                            metavar="MS", type=int, check="not_negative")
+    queue_size: int = _option(QUEUE_SIZE, "--queue-size",
+                              "writes (each an event or a batch of events) a subscriber may "
+                              "have waiting, once its socket buffer is full, before it is "
+                              "dropped", metavar="N", type=int, check="positive")
+    max_body_bytes: int = _option(MAX_BODY_BYTES, "--max-body",
+                                  "largest publish body (413 beyond)", metavar="BYTES",
+                                  type=int, check="positive")
+    history_size: int = _option(HISTORY_SIZE, "--history",
+                                "events kept per topic for Last-Event-ID replay (0: none)",
+                                metavar="N", type=int, check="not_negative")
+    history_ttl_s: Optional[float] = _option(None, "--history-ttl",
+                                             "also forget events older than this many seconds",
+                                             metavar="S", type=float, check="positive")
+    max_topics: int = _option(MAX_TOPICS, "--max-topics",
+                              "topics holding history; least recently published forgotten "
+                              "first", metavar="N", type=int, check="positive")
+    max_clients: int = _option(MAX_CLIENTS, "--max-clients",
+                               "concurrent subscribers (503 with Retry-After beyond)",
+                               metavar="N", type=int, check="positive")
+    write_timeout_s: float = _option(WRITE_TIMEOUT_S, "--write-timeout",
+                                     "drop a client that accepts no bytes for this long",
+                                     metavar="S", type=float, check="positive")
+    request_timeout_s: float = _option(REQUEST_TIMEOUT_S, "--request-timeout",
+                                       "time a client has to send a whole request (and idle "
+                                       "keep-alive time; streams have none)",
+                                       metavar="S", type=float, check="positive")
+    max_header_bytes: int = _option(MAX_HEADER_BYTES, "--max-header-bytes",
+                                    "largest request header section (431 beyond)",
+                                    metavar="BYTES", type=int, check="positive")
+    log_level: str = _option("info", "--log-level", "logging verbosity (the access log is "
+                             "at info)", choices=("debug", "info", "warning", "error"))
+    publish_token: Optional[str] = _option(
+        None, "--publish-token", "require 'Authorization: Bearer T' to publish; without it "
+        "only loopback may publish", metavar="T", env="SSE_PUBLISH_TOKEN", secret=True,
+        group=_SECURITY)
+    jwt_secret: Optional[str] = _option(None, "--jwt-secret",
+                                        "verify HS256 JWTs with this secret", metavar="S",
+                                        env="SSE_JWT_SECRET", secret=True, group=_SECURITY)
+    jwt_secret_file: Optional[str] = _option(
+        None, "--jwt-secret-file", "read the JWT secret from this file (trailing newline "
+        "ignored)", metavar="FILE", group=_SECURITY)
+    jwt_cookie: str = _option(JWT_COOKIE, "--jwt-cookie",
+                              "cookie that may carry the JWT (EventSource withCredentials)",
+                              metavar="NAME", group=_SECURITY)
+    private_topics: tuple = _option((), "--private-topic",
+                                    "topic (or prefix ending in *) that needs a JWT to "
+                                    "subscribe; repeatable", metavar="PATTERN", group=_SECURITY)
+    require_auth: bool = _option(False, "--require-auth",
+                                 "every topic needs a JWT to subscribe", group=_SECURITY)
+    cors_origins: tuple = _option((), "--cors-origin",
+                                  "let browsers on this origin (or *, without credentials) "
+                                  "use /events and /publish; repeatable", metavar="ORIGIN",
+                                  group=_SECURITY)
+    certfile: Optional[str] = _option(None, "--certfile", "serve HTTPS with this certificate",
+                                      metavar="PEM", group=_SECURITY)
+    keyfile: Optional[str] = _option(None, "--keyfile", "private key for --certfile",
+                                     metavar="PEM", group=_SECURITY)
+    max_clients_per_ip: int = _option(0, "--max-clients-per-ip",
+                                      "concurrent streams per client address (503 beyond; "
+                                      "0: no limit)", metavar="N", type=int,
+                                      check="not_negative", group=_SECURITY)
+    publish_rate: float = _option(0.0, "--publish-rate",
+                                  "publishes per second per client address (429 beyond; "
+                                  "0: no limit)", metavar="R", type=float,
+                                  check="not_negative", group=_SECURITY)
+    publish_burst: int = _option(20, "--publish-burst",
+                                 "publishes allowed in a burst with --publish-rate",
+                                 metavar="N", type=int, check="positive", group=_SECURITY)
+    trusted_proxies: tuple = _option((), "--trusted-proxy",
+                                     "a reverse proxy (IP address or CIDR block) whose "
+                                     "X-Forwarded-For / Forwarded header names the client; "
+                                     "repeatable", metavar="ADDR", group=_SECURITY)
+    metrics_token: Optional[str] = _option(
+        None, "--metrics-token", "let 'Authorization: Bearer T' read /metrics from anywhere; "
+        "without it only loopback may", metavar="T", env="SSE_METRICS_TOKEN", secret=True,
+        group=_SECURITY)
+    store: Optional[str] = _option(None, "--store",
+                                   "keep the history and the ids in this SQLite file (created "
+                                   "if missing): acknowledged events survive a crash or a "
+                                   "power cut, and clients resume across restarts",
+                                   metavar="FILE", env="SSE_STORE", group=_STORE)
+    store_cache_size: int = _option(STORE_CACHE_SIZE, "--store-cache",
+                                    "events per topic of the store also kept in memory; "
+                                    "replays that reach further back read the file",
+                                    metavar="N", type=int, check="not_negative", group=_STORE)
+    redis_url: Optional[str] = _option(None, "--redis",
+                                       "share events, ids and replay through Redis: "
+                                       "redis://[:password@]host:port/db or rediss://; needs "
+                                       "'pip install redis'", metavar="URL",
+                                       env="SSE_REDIS_URL", secret=True, group=_REDIS)
+    redis_key: str = _option(REDIS_KEY, "--redis-key",
+                             "the Redis Stream used; instances sharing it share events",
+                             metavar="KEY", group=_REDIS)
+
+    def __post_init__(self):
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.metadata["kind"] == "list" and not isinstance(value, tuple):
+                object.__setattr__(self, field.name, tuple(value))   # a list given by a caller
+            check, flag = field.metadata["check"], field.metadata["flag"]
+            if check is None or (value is None and field.default is None):
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{flag} must be a number, not {value!r}")
+            if check == "positive" and not value > 0:
+                raise ValueError(f"{flag} must be greater than 0")
+            if check == "not_negative" and not value >= 0:
+                raise ValueError(f"{flag} must not be negative")
+        if (self.private_topics or self.require_auth) and not (
+                self.jwt_secret or self.jwt_secret_file):
+            raise ValueError("--private-topic and --require-auth need --jwt-secret or "
+                             "--jwt-secret-file")
+        if self.keyfile and not self.certfile:
+            raise ValueError("--keyfile needs --certfile")
+        try:
+            parse_trusted_proxies(self.trusted_proxies)
+        except ValueError as error:
+            raise ValueError(f"--trusted-proxy: {error}") from None
+
+    def retention(self) -> "Retention":
+        """The history bounds these settings give (see Retention)."""
+        return Retention(self.history_size, self.history_ttl_s, self.max_topics)
 
 
 # --- Platform: what this host offers, detected once -------------------------------
@@ -527,7 +725,8 @@ def parse_publish(query: dict[str, list[str]], content_type: Optional[str],
     """Turn a POST /publish (its parsed query and its body) into a PublishRequest.
 
     A form body (application/x-www-form-urlencoded) carries the fields topic
-    (repeatable), data, event and retry; any other body is the data itself,
+    (repeatable), data (required: "data=" for an empty event), event and
+    retry; any other body is the data itself,
     with topic, event and retry in the query string. The event name and retry
     value are checked where every publish is, in Broker.publish."""
     fields = {name: list(values) for name, values in query.items()}
@@ -539,7 +738,11 @@ def parse_publish(query: dict[str, list[str]], content_type: Optional[str],
     if media_type == FORM_CONTENT_TYPE:
         for name, values in parse_query(text).items():
             fields.setdefault(name, []).extend(values)
-        data = _single(fields, "data") or ""
+        if "data" not in fields:    # `curl -d hello` sends a form whose field is "hello"
+            raise BadRequest("the form has no data field: send data=... (curl -d data=hello), "
+                             "or the data itself with another Content-Type (curl -H "
+                             "'Content-Type: text/plain' --data-binary hello)")
+        data = _single(fields, "data")
     else:
         data = text
     retry_text = _single(fields, "retry")
@@ -949,9 +1152,7 @@ class SocketIO:
     block does it wait, in wait(), which is the single place where a
     connection waits for its client. That is also where it gives back its
     start-up turn, so a silent or slow client never holds one. A client that
-    takes no byte for `write_timeout_s` is a socket.timeout. It is also the
-    handler's wfile, for BaseHTTPRequestHandler's own writers (unbuffered:
-    our responses are built whole)."""
+    takes no byte for `write_timeout_s` is a socket.timeout."""
 
     __slots__ = ("sock", "turn", "write_timeout_s", "tls", "sent")
 
@@ -1014,13 +1215,6 @@ class SocketIO:
             except _TLS_WANTS_WRITE:
                 self.wait(True, deadline)
 
-    def write(self, data) -> int:
-        self.send_all(data)
-        return len(data)
-
-    def flush(self) -> None:
-        pass
-
 
 class StreamEnd(NamedTuple):
     """Put last into a stream's queue: why it ends (the access log's and the
@@ -1033,6 +1227,9 @@ SHUTDOWN = StreamEnd("shutdown", None)          # the server is stopping (says `
 TOKEN_EXPIRED = StreamEnd("token_expired", "token expired")   # the JWT that allowed it
 DROPPED = StreamEnd("slow", None)               # its queue was full: cut at once
 CLIENT_GONE = StreamEnd("client_gone", None)    # the client hung up
+
+MAX_UNREAD_TLS_BYTES = 16 * 1024    # a TLS stream's client sending more is just unwatched
+_read_raw = socket.socket.recv      # the TCP bytes under a TLS socket, past its TLS layer
 
 
 class StreamSink:
@@ -1128,6 +1325,32 @@ class StreamSink:
     def _end_locked(self, why: StreamEnd) -> None:
         self.state = self.ENDED
         self.queue.put(why)
+
+    def check_hangup(self) -> Optional[bool]:
+        """The socket is readable, and a stream reads nothing after its
+        request: did the client leave? True if so (the stream is ended);
+        False if it sent bytes instead (stop watching it); None if it cannot
+        tell yet (TLS records: watch on). Called by the hang-up watcher."""
+        with self.lock:
+            if self.state is self.CLOSED or self.sock is None:
+                return False
+            try:
+                if self.io.tls:
+                    # A TLS client says goodbye with a close_notify record, then
+                    # its FIN. The records go unread at the socket level (nobody
+                    # reads TLS on a stream again), so the FIN shows next.
+                    data = _read_raw(self.sock, MAX_UNREAD_TLS_BYTES)
+                else:
+                    data = self.sock.recv(1, socket.MSG_PEEK)
+            except _READ_BLOCKED:
+                return None     # a stale readiness report
+            except OSError:
+                data = b""      # reset by the peer
+            if not data:
+                if self.state is not self.ENDED:
+                    self._end_locked(CLIENT_GONE)
+                return True
+            return None if self.io.tls and len(data) < MAX_UNREAD_TLS_BYTES else False
 
     def _cut_locked(self) -> None:
         if self.state is not self.CLOSED and self.sock is not None:
@@ -1345,18 +1568,13 @@ class Broker:
     directly, a busy one gets the bytes in its queue, and a subscriber with
     `queue_size` writes still waiting is dropped (its client reconnects and
     catches up from history with Last-Event-ID). Without `history`, events
-    are kept in memory (MemoryHistory with the history_* and max_topics
-    settings)."""
+    are kept in memory (a MemoryHistory with the default Retention)."""
 
-    def __init__(self, *, queue_size: int = QUEUE_SIZE, history_size: int = HISTORY_SIZE,
-                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
-                 max_subscribers: int = MAX_CLIENTS, clock: Callable[[], float] = time.monotonic,
-                 history: Optional[History] = None):
+    def __init__(self, *, queue_size: int = QUEUE_SIZE, max_subscribers: int = MAX_CLIENTS,
+                 clock: Callable[[], float] = time.monotonic, history: Optional[History] = None):
         self.queue_size = queue_size
         self.max_subscribers = max_subscribers
-        self.history = history or MemoryHistory(history_size=history_size,
-                                                history_ttl_s=history_ttl_s,
-                                                max_topics=max_topics, clock=clock)
+        self.history = history or MemoryHistory(clock=clock)
         self._clock = clock
         self._started = clock()
         self.start_time_s = time.time()
@@ -1368,7 +1586,7 @@ class Broker:
         # event exactly once: live if it was registered before the batch was
         # shared out, else in its replay (up to the _last_id it noted).
         # The writes happen outside the lock, one leader at a time
-        # (_flushing), in seq order; see _flush_locked.
+        # (_flushing), in seq order; see _flush_through.
         self._lock = threading.Lock()
         self._last_id = self.history.last_id    # newest event handed out (or kept at start)
         self._seq = parse_event_id(self._last_id, self.history.run_id) or 0
@@ -1401,19 +1619,24 @@ class Broker:
 
         Returns (id, subscribers reached). Never blocks on a client; waits
         for the history to keep the event (with --store, a sync to disk)
-        and raises ServiceUnavailable if it cannot."""
+        and raises ServiceUnavailable if it cannot, or once the broker is
+        closed."""
         topic_list, text = _prepare_event(topics, data, event, retry)
+        if self._closed:
+            raise ServiceUnavailable("server is shutting down")
         if self.history.shared:     # it numbers the event and hands it back to us
             event_id = self.history.add(topic_list, text, event, retry)
             with self._lock:
                 return Published(event_id, len(self._subscribers_of_locked(topic_list)))
         with self._lock:
+            if self._closed:        # (checked again: close() may have come meanwhile)
+                raise ServiceUnavailable("server is shutting down")
             self._seq += 1
             event_id = format_event_id(self.history.run_id, self._seq)
             item = _Event(self._seq, event_id, _encode_event(text, event, event_id, retry),
                           self._clock(), topic_list)
             self._pending.append(item)
-            self._flush_locked(item.seq)
+            self._flush_through(item.seq)
         if item.refused:    # each of the batch's publishers raises an error of its own
             raise ServiceUnavailable(item.refused.reason, item.refused.retry_after_s)
         return Published(event_id, item.reached)
@@ -1428,7 +1651,7 @@ class Broker:
                     topics = tuple(self._subscribers_by_topic)
                 self._seq += 1
                 self._pending.append(_Event(self._seq, event_id, frame, self._clock(), topics))
-            self._flush_locked(self._seq)
+            self._flush_through(self._seq)
 
     # Fan-out by group commit: events wait in _pending; one publisher at a
     # time (the leader) takes all of them, has the history keep them (one
@@ -1438,8 +1661,10 @@ class Broker:
     # its own event is out. Leaders take turns in seq order, so every stream
     # stays in id order.
 
-    def _flush_locked(self, seq: int) -> None:
-        """Return once event `seq` was handed out (called with _lock held)."""
+    def _flush_through(self, seq: int) -> None:
+        """Return once event `seq` was handed out. Called with _lock held and
+        returns with it held, but lets go of it while it waits for another
+        leader and while it leads (the history's write and the fan-out)."""
         while self._flushed_seq < seq:
             if self._flushing:
                 self._flushed.wait()
@@ -1448,7 +1673,7 @@ class Broker:
             batch, self._pending = self._pending, []
             dropped: list[Subscriber] = []
             try:
-                if self._keep_locked(batch):
+                if self._keep_unlocked(batch):
                     self._last_id = next(
                         (item.id for item in reversed(batch) if item.id), self._last_id)
                     shares = self._shares_locked(batch)
@@ -1472,9 +1697,10 @@ class Broker:
             if dropped:
                 self.clients_dropped["slow"] += len(dropped)
 
-    def _keep_locked(self, batch: list[_Event]) -> bool:
-        """Have the history keep the batch, outside the lock (it may write to
-        disk). False if it could not: then nobody sees the batch."""
+    def _keep_unlocked(self, batch: list[_Event]) -> bool:
+        """Have the history keep the batch; called with _lock held, which it
+        lets go of meanwhile (the history may write to disk) and takes back.
+        False if it could not: then nobody sees the batch."""
         if self.history.shared:     # it kept them before handing them out
             return True
         self._lock.release()
@@ -1626,8 +1852,12 @@ class Broker:
         for subscriber in subscribers:
             subscriber.end(SHUTDOWN)
         with self._lock:        # a fan-out in progress still needs its helper
-            while self._flushing:
-                self._flushed.wait()
+            leader_done = self._flushed.wait_for(lambda: not self._flushing,
+                                                 timeout=CLOSE_WAIT_S)
+        if not leader_done:     # a history stuck in a write (a hung disk): leave it be
+            logger.warning("a fan-out was still running %ss after shutdown began; "
+                           "closing without waiting for it", CLOSE_WAIT_S)
+            return list(subscribers)
         self._helper.close()
         self.history.close()
         return list(subscribers)
@@ -1749,10 +1979,92 @@ class History:
         pass
 
 
+class Retention:
+    """The one policy for what a local history keeps, asked by each
+    mechanism (MemoryHistory, SQLiteHistory and the store's cache): the
+    newest `history_size` events of each topic, none older than
+    `history_ttl_s`, for the `max_topics` topics published to most recently.
+    And what was forgotten, so that a replay that may miss events says so:
+
+    - Each topic's history knows `evicted_through`, the newest of its seqs
+      it no longer keeps.
+    - A topic that max_topics drops leaves a mark in one of `buckets` hash
+      buckets: the highest seq of any dropped topic hashing there. A topic
+      with no history (new, or dropped) counts its bucket's mark as
+      evicted. So a real loss always resets, and a needless reset needs a
+      dropped topic with newer events in the same bucket: rare, in bounded
+      memory, however many topics come and go.
+    - Seqs up to `floor` count as forgotten for every topic (the store's
+      cache: what the file held before the cache started).
+    Not locked: its history's lock guards it."""
+
+    def __init__(self, history_size: int = HISTORY_SIZE, history_ttl_s: Optional[float] = None,
+                 max_topics: int = MAX_TOPICS, *, floor: int = 0,
+                 buckets: int = FORGOTTEN_BUCKETS):
+        self.history_size = history_size
+        self.history_ttl_s = history_ttl_s
+        self.max_topics = max_topics
+        self.floor = floor
+        self._marks = array.array("q", bytes(8 * buckets))
+        self.changed: set[int] = set()     # buckets raised since a store last saved them
+
+    def bounded(self, history_size: int, floor: int) -> "Retention":
+        """The same policy for at most `history_size` events per topic (a cache)."""
+        return Retention(min(history_size, self.history_size), self.history_ttl_s,
+                         self.max_topics, floor=floor, buckets=len(self._marks))
+
+    def excess(self, count: int) -> int:
+        """How many of a topic's `count` events are too many to keep."""
+        return max(0, count - self.history_size)
+
+    def cutoff(self, now: float) -> Optional[float]:
+        """Events kept before this time are too old (None: no TTL)."""
+        return None if self.history_ttl_s is None else now - self.history_ttl_s
+
+    def drop_topics(self, topics: collections.OrderedDict) -> list[tuple[str, object]]:
+        """Take the least recently published topics beyond max_topics out
+        of `topics` (oldest first); the caller forgets() each."""
+        dropped = []
+        while len(topics) > self.max_topics:
+            dropped.append(topics.popitem(last=False))
+        return dropped
+
+    def _bucket(self, topic: str) -> int:
+        # crc32, not hash(): the store's marks must mean the same after a restart.
+        return binascii.crc32(topic.encode("utf-8")) % len(self._marks)
+
+    def forget(self, topic: str, through: int) -> None:
+        """`topic` was dropped with events up to seq `through`."""
+        bucket = self._bucket(topic)
+        if through > self._marks[bucket]:
+            self._marks[bucket] = through
+            self.changed.add(bucket)
+
+    def forgotten_through(self, topic: str) -> int:
+        """What a topic with no history counts as evicted from it."""
+        return max(self.floor, self._marks[self._bucket(topic)])
+
+    def newest_forgotten(self) -> int:
+        return max(self.floor, max(self._marks))
+
+    def saved_marks(self) -> list[tuple[int, int]]:
+        """(bucket, mark) of the buckets raised since the last call."""
+        changed, self.changed = self.changed, set()
+        return [(bucket, self._marks[bucket]) for bucket in sorted(changed)]
+
+    def load_marks(self, floor: int, buckets: int, marks: Iterable[tuple[int, int]]) -> None:
+        """Take the marks a store kept (`buckets` of them) instead of ours."""
+        self.floor = floor
+        self._marks = array.array("q", bytes(8 * buckets))
+        for bucket, mark in marks:
+            self._marks[bucket] = mark
+        self.changed = set()
+
+
 class _TopicHistory:
     __slots__ = ("events", "kept_at", "evicted_through")
 
-    def __init__(self, evicted_through: int = 0, timed: bool = False):
+    def __init__(self, evicted_through: int, timed: bool):
         self.events: collections.deque = collections.deque()
         # With a TTL, when each event was kept (an empty deque is ~770 bytes,
         # so topics without a TTL have none).
@@ -1761,26 +2073,18 @@ class _TopicHistory:
 
 
 class MemoryHistory(History):
-    """The newest `history_size` events of each topic, in memory, for the
-    `max_topics` topics published to most recently, none older than
-    `history_ttl_s`. Gone when the process ends. SQLiteHistory keeps one in
-    front of its file as a cache, whose `kept_through` is the newest seq the
-    file held before the cache started."""
+    """What `retention` keeps, in memory; gone when the process ends.
+    SQLiteHistory keeps one in front of its file as a cache."""
 
-    def __init__(self, *, history_size: int = HISTORY_SIZE,
-                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
-                 clock: Callable[[], float] = time.monotonic, run_id: Optional[str] = None,
-                 kept_through: int = 0):
-        self.history_size = history_size
-        self.history_ttl_s = history_ttl_s
-        self.max_topics = max_topics
+    def __init__(self, retention: Optional[Retention] = None, *,
+                 clock: Callable[[], float] = time.monotonic, run_id: Optional[str] = None):
+        self.retention = retention or Retention()
         self.run_id = run_id or secrets.token_hex(4)
         self._clock = clock
-        # Locking rule: _lock guards the two below; it is held for no I/O.
+        # Locking rule: _lock guards _topics and the retention's marks; it is
+        # held for no I/O.
         self._lock = threading.Lock()
         self._topics: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
-        # Highest seq of any topic history dropped by max_topics (or kept before).
-        self._forgotten_through = kept_through
 
     def append(self, batch: list[_Event]) -> None:
         with self._lock:
@@ -1788,25 +2092,21 @@ class MemoryHistory(History):
                 self._remember(item)
 
     def _remember(self, event: _Event) -> None:
+        retention = self.retention
         for topic in event.topics:
             history = self._topics.get(topic)
             if history is None:
-                # The topic may have had a history that max_topics forgot: which
-                # topics did is not kept (that would grow without bound), so a new
-                # history counts everything forgotten so far as evicted from it.
                 history = self._topics[topic] = _TopicHistory(
-                    self._forgotten_through, timed=self.history_ttl_s is not None)
-                while len(self._topics) > self.max_topics:
-                    _, forgotten = self._topics.popitem(last=False)
-                    newest = forgotten.events[-1].seq if forgotten.events else 0
-                    self._forgotten_through = max(self._forgotten_through,
-                                                  forgotten.evicted_through, newest)
+                    retention.forgotten_through(topic), timed=retention.history_ttl_s is not None)
+                for name, dropped in retention.drop_topics(self._topics):
+                    retention.forget(name, dropped.events[-1].seq if dropped.events
+                                     else dropped.evicted_through)
             else:
                 self._topics.move_to_end(topic)
             history.events.append(event)
             if history.kept_at is not None:
                 history.kept_at.append(self._clock())
-            if len(history.events) > self.history_size:
+            if retention.excess(len(history.events)):
                 self._evict_oldest(history)
             self._expire(history)
 
@@ -1816,10 +2116,8 @@ class MemoryHistory(History):
             history.kept_at.popleft()
 
     def _expire(self, history: _TopicHistory) -> None:
-        if self.history_ttl_s is None:
-            return
-        cutoff = self._clock() - self.history_ttl_s
-        while history.kept_at and history.kept_at[0] < cutoff:
+        cutoff = self.retention.cutoff(self._clock())
+        while cutoff is not None and history.kept_at and history.kept_at[0] < cutoff:
             self._evict_oldest(history)
 
     def replay(self, topics: tuple[str, ...], last_event_id: str,
@@ -1839,7 +2137,7 @@ class MemoryHistory(History):
             for topic in topics:
                 history = self._topics.get(topic)
                 if history is None:
-                    complete = complete and self._forgotten_through <= after
+                    complete = complete and self.retention.forgotten_through(topic) <= after
                     continue
                 self._expire(history)
                 complete = complete and history.evicted_through <= after
@@ -1858,10 +2156,11 @@ class MemoryHistory(History):
 
 # --- Store: the history in an SQLite file (--store), kept across restarts ----------------
 
-STORE_FORMAT = "1"              # the layout of the file, kept in it
+STORE_FORMAT = "2"              # the layout of the file, kept in it (1: no forgotten table)
 STORE_SCHEMA = (
-    # format, run_id, and forgotten_through: the highest seq of any topic
-    # history that --max-topics dropped.
+    # format, run_id, forgotten_buckets (how many, see Retention), and
+    # forgotten_through: seqs up to it count as forgotten for every topic
+    # (what format 1 kept, one mark for all topics; 0 in a new file).
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
     # One row per topic with history: what was evicted from it, and its newest
     # seq (so --max-topics forgets the least recently published first, and
@@ -1872,6 +2171,9 @@ STORE_SCHEMA = (
     # on the wire, id included, and when it was kept (Unix time, for the TTL).
     "CREATE TABLE IF NOT EXISTS events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
     "created REAL NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (topic, seq)) WITHOUT ROWID",
+    # The marks of topics --max-topics dropped, by hash bucket (see Retention).
+    "CREATE TABLE IF NOT EXISTS forgotten (bucket INTEGER PRIMARY KEY, "
+    "through INTEGER NOT NULL)",
 )
 
 
@@ -1894,8 +2196,8 @@ class SQLiteHistory(History):
       so concurrent publishers share one sync.
     - One server per file: a second server is refused (see _claim). Other
       programs may read it meanwhile, so it can be backed up while running.
-    - Bounded as the memory history is: history_size per topic, the TTL and
-      max_topics; old rows are deleted in the transaction that adds new ones,
+    - Bounded by the same Retention as the memory history; old rows are
+      deleted in the transaction that adds new ones,
       and SQLite reuses their pages, so the file stays about the size of what
       is retained.
     - Fast replay: the newest `cache_size` events of each topic are also kept
@@ -1904,13 +2206,10 @@ class SQLiteHistory(History):
       ServiceUnavailable (publishers get 503), logged once; the next append
       that works ends it."""
 
-    def __init__(self, path: str, *, history_size: int = HISTORY_SIZE,
-                 history_ttl_s: Optional[float] = None, max_topics: int = MAX_TOPICS,
+    def __init__(self, path: str, retention: Optional[Retention] = None, *,
                  cache_size: int = STORE_CACHE_SIZE, clock: Callable[[], float] = time.time):
         self.path = path
-        self.history_size = history_size
-        self.history_ttl_s = history_ttl_s
-        self.max_topics = max_topics
+        self.retention = retention or Retention()
         self._clock = clock         # Unix time: `created` must mean the same after a restart
         # Locking rule: _lock guards the connection (one statement at a time)
         # and every attribute below; it is never held with the broker's lock.
@@ -1932,9 +2231,8 @@ class SQLiteHistory(History):
         self._closed = False
         self.commits = 0
         self.commit_seconds = 0.0
-        self._cache = MemoryHistory(history_size=min(history_size, cache_size),
-                                    history_ttl_s=history_ttl_s, max_topics=max_topics,
-                                    clock=clock, run_id=self.run_id, kept_through=last_seq)
+        self._cache = MemoryHistory(self.retention.bounded(cache_size, floor=last_seq),
+                                    clock=clock, run_id=self.run_id)
 
     @staticmethod
     def _claim(path: str):
@@ -2011,6 +2309,13 @@ class SQLiteHistory(History):
                 meta = {"format": STORE_FORMAT, "run_id": secrets.token_hex(4),
                         "forgotten_through": "0"}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            if meta.get("format") == "1":   # its one mark becomes the floor of every topic
+                meta["format"] = STORE_FORMAT
+                db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (STORE_FORMAT,))
+            if "forgotten_buckets" not in meta:
+                meta["forgotten_buckets"] = str(FORGOTTEN_BUCKETS)
+                db.execute("INSERT INTO meta VALUES ('forgotten_buckets', ?)",
+                           (meta["forgotten_buckets"],))
             if meta.get("format") != STORE_FORMAT:
                 raise StoreError(f"{self.path} was written in another format "
                                  f"({meta.get('format')!r}, this server reads {STORE_FORMAT!r})")
@@ -2021,8 +2326,8 @@ class SQLiteHistory(History):
         except sqlite3.Error as error:
             raise StoreError(f"cannot use {self.path}: {error}") from None
         # Every event updates its topics' last_seq, and a topic row is only
-        # deleted with forgotten_through raised past it: so this is every seq given.
-        return max(newest, self._forgotten_through)
+        # deleted with its mark raised past it: so this is every seq given.
+        return max(newest, self.retention.newest_forgotten())
 
     def _read_counts(self) -> None:
         """What the file keeps, as append() tracks it between transactions."""
@@ -2031,8 +2336,11 @@ class SQLiteHistory(History):
         self._topics: collections.OrderedDict[str, int] = collections.OrderedDict(db.execute(
             "SELECT topic, (SELECT COUNT(*) FROM events WHERE events.topic = topics.topic) "
             "FROM topics ORDER BY last_seq"))
-        self._forgotten_through = int(db.execute(
-            "SELECT value FROM meta WHERE key = 'forgotten_through'").fetchone()[0])
+        meta = dict(db.execute("SELECT key, value FROM meta WHERE key IN "
+                               "('forgotten_through', 'forgotten_buckets')"))
+        self.retention.load_marks(int(meta["forgotten_through"]),
+                                  int(meta["forgotten_buckets"]),
+                                  db.execute("SELECT bucket, through FROM forgotten"))
         self._stale = False     # True while a transaction may have changed them
 
     def append(self, batch: list[_Event]) -> None:
@@ -2075,41 +2383,37 @@ class SQLiteHistory(History):
         for topic, (newest, count) in added.items():
             kept = self._topics.pop(topic, None)
             if kept is None:
-                # As in memory: a new topic's history counts everything that
-                # max_topics forgot so far as evicted from it.
                 db.execute("INSERT INTO topics VALUES (?, ?, ?)",
-                           (topic, self._forgotten_through, newest))
+                           (topic, self.retention.forgotten_through(topic), newest))
                 kept = 0
             else:
                 db.execute("UPDATE topics SET last_seq = ? WHERE topic = ?", (newest, topic))
             kept += count
             self._topics[topic] = kept - self._trim(topic, kept, now)   # the most recent now
-        forgotten = self._forgotten_through
-        while len(self._topics) > self.max_topics:
-            topic, _ = self._topics.popitem(last=False)
+        for topic, _ in self.retention.drop_topics(self._topics):
             evicted, last = db.execute("SELECT evicted_through, last_seq FROM topics "
                                        "WHERE topic = ?", (topic,)).fetchone()
             db.execute("DELETE FROM events WHERE topic = ?", (topic,))
             db.execute("DELETE FROM topics WHERE topic = ?", (topic,))
-            self._forgotten_through = max(self._forgotten_through, evicted, last)
-        if self._forgotten_through != forgotten:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'forgotten_through'",
-                       (str(self._forgotten_through),))
+            self.retention.forget(topic, max(evicted, last))
+        db.executemany("INSERT OR REPLACE INTO forgotten VALUES (?, ?)",
+                       self.retention.saved_marks())
         db.execute("COMMIT")
         self._stale = False
 
     def _trim(self, topic: str, kept: int, now: float) -> int:
-        """Delete what history_size and the TTL no longer keep of `topic`,
-        which has `kept` rows. Returns how many rows went."""
+        """Delete what the retention no longer keeps of `topic`, which has
+        `kept` rows. Returns how many rows went."""
         db = self._db
         cut = 0
-        if kept > self.history_size:    # the seq of the newest row to go
+        excess = self.retention.excess(kept)
+        if excess:      # the seq of the newest row to go
             cut = db.execute("SELECT seq FROM events WHERE topic = ? ORDER BY seq "
-                             "LIMIT 1 OFFSET ?", (topic, kept - self.history_size - 1)
-                             ).fetchone()[0]
-        if self.history_ttl_s is not None:
+                             "LIMIT 1 OFFSET ?", (topic, excess - 1)).fetchone()[0]
+        cutoff = self.retention.cutoff(now)
+        if cutoff is not None:
             expired = db.execute("SELECT MAX(seq) FROM events WHERE topic = ? AND created < ?",
-                                 (topic, now - self.history_ttl_s)).fetchone()[0]
+                                 (topic, cutoff)).fetchone()[0]
             cut = max(cut, expired or 0)
         if not cut:
             return 0
@@ -2157,9 +2461,10 @@ class SQLiteHistory(History):
                 self._recover_if_stale()
                 evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
                                           f"WHERE topic IN ({marks})", topics))
-                gone = max(evicted.get(topic, self._forgotten_through) for topic in topics)
-                if self.history_ttl_s is not None:
-                    cutoff = self._clock() - self.history_ttl_s
+                gone = max(evicted.get(topic, self.retention.forgotten_through(topic))
+                           for topic in topics)
+                cutoff = self.retention.cutoff(self._clock())
+                if cutoff is not None:
                     expired = db.execute(f"SELECT MAX(seq) FROM events WHERE {where} "
                                          f"AND created < ?", [*params, cutoff]).fetchone()[0]
                     gone = max(gone, expired or 0)
@@ -2283,7 +2588,6 @@ def format_metrics(stats: dict) -> bytes:
 
 # --- Redis mode: several instances share one event stream -------------------------------
 
-REDIS_KEY = "sse:events"         # the Redis Stream every instance reads and writes
 REDIS_MIN_STREAM_LEN = 100      # never trim below this: readers must see entries first
 REDIS_BLOCK_MS = 250            # XREAD wait; bounds how long shutdown waits for the reader
 REDIS_BACKOFF_S = (0.1, 2.0)    # reconnect delays, doubling from the first to the second
@@ -2530,7 +2834,7 @@ def cors_headers(allowed_origins: list[str],
     A listed origin may send credentials (cookies); "*" never may."""
     if not allowed_origins:
         return ()
-    vary = [] if allowed_origins == ["*"] else [("Vary", "Origin")]
+    vary = [] if list(allowed_origins) == ["*"] else [("Vary", "Origin")]
     if origin and origin in allowed_origins:
         return [("Access-Control-Allow-Origin", origin),
                 ("Access-Control-Allow-Credentials", "true"), *vary]
@@ -2545,7 +2849,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # Slots, not a dict per handler: a stream's handler lives as long as its
     # connection, and the dict cost ~800 bytes per subscriber. (Attributes
     # not listed here, a subclass's say, still work: they go in a dict.)
-    __slots__ = ("request", "client_address", "server", "connection", "rfile", "wfile",
+    __slots__ = ("request", "client_address", "server", "connection", "rfile",
                  "raw_requestline", "requestline", "command", "path", "request_version",
                  "headers", "close_connection", "startup_turn", "client_host", "_io",
                  "_reader", "_body_pending", "_cors", "_stream_deadline", "_started",
@@ -2554,16 +2858,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"      # keep-alive for publishers, chunked streams
     server_version = f"sse_server/{__version__}"
     rbufsize = 8192                    # request read buffer
-
-    # path -> method -> handler method name; any other GET/HEAD path is a static file
-    routes = {
-        "/events": {"GET": "_handle_events"},
-        "/publish": {"POST": "_handle_publish"},
-        "/healthz": {"GET": "_handle_healthz", "HEAD": "_handle_healthz"},
-        "/stats": {"GET": "_handle_stats", "HEAD": "_handle_stats"},
-        "/metrics": {"GET": "_handle_metrics", "HEAD": "_handle_metrics"},
-    }
-    static_methods = {"GET": "_handle_static", "HEAD": "_handle_static"}
+    # The routes, (method, path) -> handler, are at the end of the class body.
+    methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
     cors_paths = ("/events", "/publish")
 
     def __init__(self, request, client_address, server,
@@ -2575,13 +2871,12 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self.connection = self.request
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         tls = self.server.tls_context is not None
-        self._io = SocketIO(self.connection, self.startup_turn, self.server.write_timeout_s,
-                            tls=tls)
+        settings = self.server.settings
+        self._io = SocketIO(self.connection, self.startup_turn, settings.write_timeout_s, tls=tls)
         if tls:
-            self._io.handshake(time.monotonic() + self.server.request_timeout_s)
+            self._io.handshake(time.monotonic() + settings.request_timeout_s)
         self._reader = _RequestReader(self._io)
         self.rfile = io.BufferedReader(self._reader, self.rbufsize)
-        self.wfile = self._io       # for the base class's own writers
         self._body_pending = False
 
     def finish(self) -> None:
@@ -2593,7 +2888,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         with one deadline for the whole request, and with no locals left
         holding the method it calls (a stream's call lasts for hours)."""
         self._started = time.monotonic()
-        self._reader.deadline = self._started + self.server.request_timeout_s
+        self._reader.deadline = self._started + self.server.settings.request_timeout_s
         self._cors = ()
         self.client_host = self.client_address[0]   # until a trusted proxy says otherwise
         try:
@@ -2604,7 +2899,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             elif not self.raw_requestline:
                 self.close_connection = True
             elif self.parse_request():
-                getattr(self, "do_" + self.command, self._unsupported_method)()
+                self._dispatch()
         except socket.timeout as error:     # the request, or a response, took too long
             self.log_error("request timed out: %r", error)
             self.close_connection = True
@@ -2637,7 +2932,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             return False
         self.command, self.path, self.request_version = command, path, version
         try:
-            self.headers = read_headers(self.rfile.readline, self.server.max_header_bytes)
+            self.headers = read_headers(self.rfile.readline,
+                                        self.server.settings.max_header_bytes)
         except HTTPError as error:
             self.send_error(error.status, error.reason)
             return False
@@ -2652,12 +2948,12 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self._io.send_all(b"HTTP/1.1 100 Continue\r\n\r\n")
         return True
 
-    # Dispatch: every known method goes through _dispatch; others get 501.
-
-    def _unsupported_method(self) -> None:
-        self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
+    # Dispatch: the routes table, else a static file for GET and HEAD.
 
     def _dispatch(self) -> None:
+        if self.command not in self.methods:
+            self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
+            return
         url = None
         self._status = 0
         try:
@@ -2669,11 +2965,16 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 self.client_host = client_host(self.client_address[0], self.headers,
                                                self.server.trusted_proxies)
             if url.path in self.cors_paths:
-                self._cors = cors_headers(self.server.cors_origins, self.headers.get("Origin"))
+                self._cors = cors_headers(self.server.settings.cors_origins,
+                                          self.headers.get("Origin"))
             length = self._content_length()
             self._body_pending = length > 0
-            methods = self.routes.get(url.path, self.static_methods)
-            name = methods.get(self.command)
+            methods = [method for method, path in self.routes if path == url.path]
+            if methods:
+                handler = self.routes.get((self.command, url.path))
+            else:
+                methods = list(self.static_routes)
+                handler = self.static_routes.get(self.command)
             if self.command == "OPTIONS":
                 allow = ", ".join([*methods, "OPTIONS"])
                 headers = [("Allow", allow)]
@@ -2683,12 +2984,12 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                                 ("Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
                                 ("Access-Control-Max-Age", "600")]
                 self._respond(HTTPStatus.NO_CONTENT, b"", headers=headers)
-            elif name is None:
-                if url.path not in self.routes and not self._static_path(url.path):
+            elif handler is None:
+                if methods == list(self.static_routes) and not self._static_path(url.path):
                     raise NotFound(f"no such resource: {url.path}")
                 raise MethodNotAllowed(self.command, [*methods, "OPTIONS"])
             else:
-                getattr(self, name)(url)
+                handler(self, url)
         except HTTPError as error:
             if self._body_pending:
                 self.close_connection = True
@@ -2698,8 +2999,6 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
         if url is not None and url.path == "/publish":
             self.server.count_publish_request(self._status)
-
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _dispatch
 
     def _content_length(self) -> int:
         if "Transfer-Encoding" in self.headers:
@@ -2716,8 +3015,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         length = self._content_length()
-        if length > self.server.max_body_bytes:
-            raise PayloadTooLarge(f"body larger than {self.server.max_body_bytes} bytes")
+        limit = self.server.settings.max_body_bytes
+        if length > limit:
+            raise PayloadTooLarge(f"body larger than {limit} bytes")
         body = self.rfile.read(length) if length else b""
         if len(body) < length:
             raise _ClientGone()
@@ -2818,7 +3118,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                 cookies.load(self.headers["Cookie"])
             except http.cookies.CookieError:
                 pass
-            morsel = cookies.get(self.server.jwt_cookie)
+            morsel = cookies.get(self.server.settings.jwt_cookie)
             token = morsel.value if morsel else None
         return token or _single(query, "access_token")
 
@@ -2899,7 +3199,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             self._start_stream(subscriber, replay)
             del replay
             self._io.before_wait()      # set up: let the next connection in
-            end = subscriber.pump(self.server.heartbeat_s, self._stream_deadline)
+            end = subscriber.pump(self.server.settings.heartbeat_s, self._stream_deadline)
             reason = end.reason
             if end is TOKEN_EXPIRED:
                 self.server.broker.count_dropped("token_expired")
@@ -2908,7 +3208,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             reason = "write_timeout"
             self.server.broker.count_dropped(reason)
             logger.warning("dropped %s: it accepted no bytes for %ss (--write-timeout)",
-                           self.address_string(), self.server.write_timeout_s)
+                           self.address_string(), self.server.settings.write_timeout_s)
         except OSError as error:    # peer gone, or cut by the broker or shutdown
             logger.debug("stream to %s ended: %r", self.address_string(), error)
         finally:
@@ -2941,11 +3241,11 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         if access_logger.isEnabledFor(logging.DEBUG):   # its line comes when it ends
             access_logger.debug("%s stream started: %s", self.client_host,
                                 redact_tokens(self.requestline))
-        sink.write(CONNECTED_COMMENT + format_retry(self.server.retry_ms), head=self._head(
-            HTTPStatus.OK, [
-                ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
-                ("X-Accel-Buffering", "no"),
-                *([("Transfer-Encoding", "chunked")] if sink.chunked else [])]))
+        head = self._head(HTTPStatus.OK, [
+            ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
+            ("X-Accel-Buffering", "no"),
+            *([("Transfer-Encoding", "chunked")] if sink.chunked else [])])
+        sink.write(CONNECTED_COMMENT + format_retry(self.server.settings.retry_ms), head=head)
         sink.write_replay(replay)
         # Nothing more is read from a stream: free what parsing the request
         # needed (a read buffer, the headers; the request line stays for the log).
@@ -2955,6 +3255,21 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         if not access_logger.isEnabledFor(logging.INFO):
             self.requestline = None     # no line will be logged: let it go too
 
+    # The routes: (method, path) -> handler(self, url). A family of routes is
+    # a block of lines here plus its methods; a subclass extends the table
+    # with {**SSERequestHandler.routes, ...}. Any other GET or HEAD is a file.
+    routes = {
+        ("GET", "/events"): _handle_events,
+        ("POST", "/publish"): _handle_publish,
+        ("GET", "/healthz"): _handle_healthz,
+        ("HEAD", "/healthz"): _handle_healthz,
+        ("GET", "/stats"): _handle_stats,
+        ("HEAD", "/stats"): _handle_stats,
+        ("GET", "/metrics"): _handle_metrics,
+        ("HEAD", "/metrics"): _handle_metrics,
+    }
+    static_routes = {"GET": _handle_static, "HEAD": _handle_static}
+
 
 class HangupWatcher:
     """One thread that notices when stream clients hang up.
@@ -2963,7 +3278,8 @@ class HangupWatcher:
     can take two heartbeats. Watching every stream socket in one selector
     frees the thread and its --max-clients place at once. Streams never read
     after their request, so a readable stream socket means EOF, a reset, or
-    bytes the client should not have sent; a peek tells which.
+    bytes the client should not have sent (over TLS: records, such as the
+    close_notify before EOF); its StreamSink tells which (check_hangup).
 
     The selector is the platform's best (hangup_selector): epoll and kqueue
     see a socket as soon as it is registered; poll and select read their set
@@ -2972,8 +3288,9 @@ class HangupWatcher:
     not watched (logged once); their heartbeats find out instead.
     """
 
-    def __init__(self, on_hangup: Callable[[socket.socket], None]):
-        self._on_hangup = on_hangup     # called with the socket, on this thread
+    def __init__(self, on_readable: Callable[[socket.socket], Optional[bool]]):
+        # Called with a readable socket, on this thread: None to watch on.
+        self._on_readable = on_readable
         # _lock guards everything below; select() itself runs unlocked, so
         # watch() and forget() never wait on it.
         self._lock = threading.Lock()
@@ -3019,9 +3336,12 @@ class HangupWatcher:
 
     def forget(self, sock: socket.socket) -> None:
         """Stop watching; call before the socket is closed (its number is reused)."""
+        fd = sock.fileno()
+        if fd < 0:      # closed already, so forgotten already (its stream ended)
+            return
         with self._lock:
             if self._selector is not None:
-                key = self._selector.get_map().get(sock.fileno())
+                key = self._selector.get_map().get(fd)
                 if key is not None and key.fileobj is sock:
                     self._selector.unregister(sock)
 
@@ -3031,26 +3351,14 @@ class HangupWatcher:
                 ready = self._selector.select(HANGUP_CHECK_S)
             except OSError:     # select() on a socket closed meanwhile: try again
                 ready = []
-            hung_up = []
             with self._lock:
                 if self._closed:
                     break
-                for key, _ in ready:
-                    sock = key.fileobj
-                    if sock is self._wakeup[0] or self._selector.get_map().get(
-                            key.fd) is not key:
-                        continue    # the wake-up socket, or forgotten meanwhile
-                    try:
-                        peeked = sock.recv(1, socket.MSG_PEEK)   # non-blocking: SocketIO
-                    except BlockingIOError:
-                        continue    # a stale readiness report
-                    except OSError:
-                        peeked = b""    # reset by the peer
-                    self._selector.unregister(sock)
-                    if not peeked:
-                        hung_up.append(sock)
-            for sock in hung_up:
-                self._on_hangup(sock)
+                readable = [key.fileobj for key, _ in ready
+                            if key.fileobj is not self._wakeup[0]]
+            for sock in readable:   # (outside the lock: watch() and forget() never wait)
+                if self._on_readable(sock) is not None:
+                    self.forget(sock)
         self._selector.close()
         for sock in self._wakeup:
             sock.close()
@@ -3068,6 +3376,11 @@ class HangupWatcher:
 
 
 # --- Server ---------------------------------------------------------------------------
+
+# accept() fails so when the process or the system is out of descriptors
+# (or of memory for them); anything else it raises is about one connection.
+_OUT_OF_DESCRIPTORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
 
 class BurstAcceptMixIn:
     """Mix-in for a socketserver TCP server, in place of ThreadingMixIn: each
@@ -3106,6 +3419,9 @@ class BurstAcceptMixIn:
         self._handler_done = threading.Condition(self._connections_lock)
         self._connections: dict[socket.socket, Optional[StreamSink]] = {}
         self._startup_turns = threading.BoundedSemaphore(STARTUP_TURNS)
+        self._stopping = threading.Event()      # set by shutdown(): ends an accept pause
+        self._accept_pause_s = 0.0              # > 0 while out of file descriptors
+        self._accept_warned_at = -math.inf
         # One bound method for every handler thread to run (each thread keeps
         # what it was started with for as long as it lives).
         self._thread_main = self.process_request_thread
@@ -3120,8 +3436,13 @@ class BurstAcceptMixIn:
         for _ in range(ACCEPTS_PER_WAKEUP):     # bounded, so shutdown is noticed
             try:
                 request, client_address = self.get_request()
-            except OSError:     # BlockingIOError: the backlog is empty
+            except OSError as error:    # BlockingIOError: the backlog is empty
+                if error.errno in _OUT_OF_DESCRIPTORS:
+                    self._pause_accepting(error)
                 return
+            if self._accept_pause_s:
+                self._accept_pause_s = 0.0
+                logger.warning("accepting connections again")
             if not self.verify_request(request, client_address):
                 self.shutdown_request(request)
                 continue
@@ -3132,6 +3453,26 @@ class BurstAcceptMixIn:
                 turn.release()
                 self.handle_error(request, client_address)
                 self.shutdown_request(request)
+
+    def _pause_accepting(self, error: OSError) -> None:
+        """Out of file descriptors (EMFILE and kin): the connection waits in
+        the backlog, the listener stays readable, and the loop would spin a
+        core. Pause, longer each time, while the open connections are served;
+        whichever of them ends frees a descriptor and accepting goes on."""
+        self._accept_pause_s = min(max(self._accept_pause_s * 2, ACCEPT_BACKOFF_S[0]),
+                                   ACCEPT_BACKOFF_S[1])
+        now = time.monotonic()
+        if now - self._accept_warned_at >= ACCEPT_WARNING_EVERY_S:
+            self._accept_warned_at = now
+            logger.warning("cannot accept connections: %s (open connections: %d); pausing "
+                           "accepts, up to %ss at a time, until descriptors are free (raise "
+                           "the limit with ulimit -n)", error.strerror,
+                           len(self._connections), ACCEPT_BACKOFF_S[1])
+        self._stopping.wait(self._accept_pause_s)
+
+    def shutdown(self) -> None:
+        self._stopping.set()
+        super().shutdown()
 
     def process_request(self, request, client_address, turn=None) -> None:
         """Start the connection's thread."""
@@ -3174,67 +3515,42 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
     stream through it, and shutdown() says goodbye through it.
 
     shutdown() stops accepting, ends every stream with a `retry:` spread and
-    a terminating chunk, and returns within about two seconds."""
+    a terminating chunk, and returns. Streams whose clients take no more
+    bytes get SHUTDOWN_GRACE_S, then are cut, and their threads 0.5 s more
+    (measured: 1.7 to 2.0 s with 200 such clients); a fan-out stuck in a
+    history's write (a hung disk) adds up to CLOSE_WAIT_S."""
 
     request_queue_size = 4096   # listen backlog (the default 5 stalls bursts of connects)
 
-    def __init__(self, server_address, *, static_dir: Optional[str] = None,
-                 heartbeat_s: float = HEARTBEAT_S, retry_ms: int = RETRY_MS,
-                 queue_size: int = QUEUE_SIZE, max_body_bytes: int = MAX_BODY_BYTES,
-                 history_size: int = HISTORY_SIZE, history_ttl_s: Optional[float] = None,
-                 max_topics: int = MAX_TOPICS, max_clients: int = MAX_CLIENTS,
-                 write_timeout_s: float = WRITE_TIMEOUT_S,
-                 request_timeout_s: float = REQUEST_TIMEOUT_S,
-                 max_header_bytes: int = MAX_HEADER_BYTES,
-                 publish_token: Optional[str] = None, jwt_secret: Optional[str] = None,
-                 jwt_cookie: str = JWT_COOKIE, private_topics: Iterable[str] = (),
-                 require_auth: bool = False, cors_origins: Iterable[str] = (),
-                 certfile: Optional[str] = None, keyfile: Optional[str] = None,
-                 max_clients_per_ip: int = 0, publish_rate: float = 0, publish_burst: int = 20,
-                 redis_url: Optional[str] = None, redis_key: str = REDIS_KEY,
-                 store: Optional[str] = None, store_cache_size: int = STORE_CACHE_SIZE,
-                 trusted_proxies: Iterable[str] = (), metrics_token: Optional[str] = None,
-                 csp: Optional[str] = None,
-                 handler_class=SSERequestHandler, bind_and_activate: bool = True):
-        if not write_timeout_s or write_timeout_s <= 0:
-            # Every wait for a client has a deadline: without one a stuck client
-            # would hold its thread (and, writing, its stream) forever.
-            raise ValueError("write_timeout_s must be a positive number of seconds")
+    def __init__(self, server_address, settings: Optional[Settings] = None, *,
+                 history: Optional[History] = None, handler_class=None,
+                 bind_and_activate: bool = True, **options):
+        """`settings` (default: Settings()), with `options` (Settings fields
+        by name) overriding it; `history` instead of the one the settings
+        choose (see open_history)."""
+        settings = dataclasses.replace(settings or Settings(), **options)
+        self.settings = settings
         if ":" in server_address[0]:
             self.address_family = socket.AF_INET6
-        self.static_dir = static_dir or os.path.join(
+        self.static_dir = settings.static_dir or os.path.join(
             os.path.dirname(os.path.abspath(__file__)), "static")
         # The demo page is written for a strict policy; a folder of the user's
         # own gets none unless they give one (an inline <script> must just work).
-        self.csp = csp if csp is not None else (None if static_dir else CONTENT_SECURITY_POLICY)
-        self.trusted_proxies = parse_trusted_proxies(trusted_proxies)
-        self.heartbeat_s = heartbeat_s
-        self.retry_ms = retry_ms
-        self.max_body_bytes = max_body_bytes
-        self.write_timeout_s = write_timeout_s
-        self.request_timeout_s = request_timeout_s
-        self.max_header_bytes = max_header_bytes
-        self.access = AccessPolicy(publish_token=publish_token, jwt_secret=jwt_secret,
-                                   private_topics=private_topics, require_auth=require_auth,
-                                   metrics_token=metrics_token)
-        self.jwt_cookie = jwt_cookie
-        self.cors_origins = list(cors_origins)
-        self.max_clients_per_ip = max_clients_per_ip
-        self.publish_limiter = (RateLimiter(publish_rate, publish_burst)
-                                if publish_rate > 0 else None)
-        self.tls_context = _tls_context(certfile, keyfile) if certfile else None
-        if store and redis_url:
-            raise StoreError("--store and --redis cannot be used together: one server keeps "
-                             "its history in a file, several share theirs through Redis")
-        bounds = dict(history_size=history_size, history_ttl_s=history_ttl_s,
-                      max_topics=max_topics)
-        history: Optional[History] = None
-        if redis_url:
-            history = RedisHistory(redis_url, key=redis_key, history_size=history_size)
-        elif store:
-            history = SQLiteHistory(store, cache_size=store_cache_size, **bounds)
-        self.broker = Broker(queue_size=queue_size, max_subscribers=max_clients,
-                             history=history, **bounds)
+        self.csp = settings.csp if settings.csp is not None else (
+            None if settings.static_dir else CONTENT_SECURITY_POLICY)
+        self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
+        self.access = AccessPolicy(publish_token=settings.publish_token,
+                                   jwt_secret=_jwt_secret(settings),
+                                   private_topics=settings.private_topics,
+                                   require_auth=settings.require_auth,
+                                   metrics_token=settings.metrics_token)
+        self.publish_limiter = (RateLimiter(settings.publish_rate, settings.publish_burst)
+                                if settings.publish_rate > 0 else None)
+        self.tls_context = (_tls_context(settings.certfile, settings.keyfile)
+                            if settings.certfile else None)
+        self.broker = Broker(queue_size=settings.queue_size,
+                             max_subscribers=settings.max_clients,
+                             history=history or open_history(settings))
         # Under _connections_lock (BurstAcceptMixIn's), with _connections:
         # open streams, counted rather than derived from _connections because
         # shutdown()'s wait re-checks it at every stream's end (O(n) each, O(n²)
@@ -3243,9 +3559,10 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
         self._publish_requests: collections.Counter[int] = collections.Counter()  # by status
         self._serving = False
-        self._hangups = HangupWatcher(self._hung_up)
+        self._hangups = HangupWatcher(self._readable)
         try:
-            super().__init__(server_address, handler_class, bind_and_activate)
+            super().__init__(server_address, handler_class or SSERequestHandler,
+                             bind_and_activate)
         except BaseException:
             self.broker.close()     # stops the Redis reader, closes the store
             raise
@@ -3261,9 +3578,9 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         """Count a stream from `host` against --max-clients-per-ip (503 when
         its quota is used up); give it back with return_stream_quota()."""
         with self._connections_lock:
-            if self.max_clients_per_ip and self._streams_per_ip[host] >= self.max_clients_per_ip:
-                raise ServiceUnavailable(
-                    f"too many streams from {host} (limit {self.max_clients_per_ip})")
+            limit = self.settings.max_clients_per_ip
+            if limit and self._streams_per_ip[host] >= limit:
+                raise ServiceUnavailable(f"too many streams from {host} (limit {limit})")
             self._streams_per_ip[host] += 1
 
     def return_stream_quota(self, host: str) -> None:
@@ -3303,11 +3620,10 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         with self._connections_lock:
             self._connections[connection] = sink
             self._open_streams += 1
-        if self.tls_context is None:    # TLS records make readiness ambiguous: heartbeats do it
-            try:
-                self._hangups.watch(connection)
-            except OSError as error:    # e.g. epoll's watch limit: heartbeats do it
-                logger.warning("cannot watch %s for hang-ups: %r", connection, error)
+        try:
+            self._hangups.watch(connection)
+        except OSError as error:    # e.g. epoll's watch limit: heartbeats do it
+            logger.warning("cannot watch %s for hang-ups: %r", connection, error)
 
     def stream_ended(self, connection: socket.socket) -> None:
         """Call before the socket is closed: its number may then be reused."""
@@ -3317,20 +3633,11 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
             self._open_streams -= 1
             self._handler_done.notify_all()
 
-    def cut_stream(self, connection: socket.socket) -> None:
-        """Cut a stream's connection, as a network failure would (its client
-        reconnects); from any thread. Nothing happens once the stream is over."""
+    def _readable(self, connection: socket.socket) -> Optional[bool]:
+        """The HangupWatcher saw a stream's socket readable: ask its sink."""
         with self._connections_lock:
             sink = self._connections.get(connection)
-        if sink is not None:
-            sink.cut()
-
-    def _hung_up(self, connection: socket.socket) -> None:
-        """The HangupWatcher saw a stream's client go: end that stream."""
-        with self._connections_lock:
-            sink = self._connections.get(connection)
-        if sink is not None:
-            sink.end(CLIENT_GONE)
+        return False if sink is None else sink.check_hangup()
 
     def handle_error(self, request, client_address) -> None:
         error = sys.exc_info()[1]
@@ -3373,6 +3680,33 @@ def _tls_context(certfile: str, keyfile: Optional[str]):
     return context
 
 
+def _jwt_secret(settings: Settings) -> Optional[str]:
+    """--jwt-secret, or the contents of --jwt-secret-file (ValueError if unreadable)."""
+    if not settings.jwt_secret_file:
+        return settings.jwt_secret
+    try:
+        with open(settings.jwt_secret_file, encoding="utf-8") as file:
+            return file.read().rstrip("\r\n")
+    except OSError as error:
+        raise ValueError(f"--jwt-secret-file: {error}") from None
+
+
+def open_history(settings: Settings) -> History:
+    """The built-in History the settings choose: RedisHistory with --redis,
+    SQLiteHistory with --store, else MemoryHistory (all with the same
+    Retention, but for Redis, which trims its stream itself)."""
+    if settings.store and settings.redis_url:
+        raise StoreError("--store and --redis cannot be used together: one server keeps "
+                         "its history in a file, several share theirs through Redis")
+    if settings.redis_url:
+        return RedisHistory(settings.redis_url, key=settings.redis_key,
+                            history_size=settings.history_size)
+    if settings.store:
+        return SQLiteHistory(settings.store, settings.retention(),
+                             cache_size=settings.store_cache_size)
+    return MemoryHistory(settings.retention())
+
+
 def _shutdown_sockets(sockets: Iterable[socket.socket], how: int) -> None:
     for sock in sockets:
         try:
@@ -3384,117 +3718,31 @@ def _shutdown_sockets(sockets: Iterable[socket.socket], how: int) -> None:
 # --- Command line ------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, one option per Settings field (see there)."""
     parser = argparse.ArgumentParser(
-        description="Server-Sent Events publish/subscribe server (standard library only).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; 0.0.0.0 or :: for every interface")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
-                        help="port to bind; 0 picks a free one (the URL is printed)")
-    parser.add_argument("--static", metavar="DIR", default=None,
-                        help="folder served at / (default: static/ beside this file)")
-    parser.add_argument("--csp", metavar="POLICY", default=None,
-                        help="Content-Security-Policy for HTML files (default: a strict one "
-                             "for the demo page, none for a --static folder)")
-    parser.add_argument("--heartbeat", metavar="S", type=float, default=HEARTBEAT_S,
-                        help="seconds of silence before a heartbeat comment")
-    parser.add_argument("--retry", metavar="MS", type=int, default=RETRY_MS,
-                        help="reconnection delay sent to clients when they connect")
-    parser.add_argument("--queue-size", metavar="N", type=int, default=QUEUE_SIZE,
-                        help="writes (each an event or a batch of events) a subscriber may "
-                             "have waiting, once its socket buffer is full, before it is dropped")
-    parser.add_argument("--max-body", metavar="BYTES", type=int, default=MAX_BODY_BYTES,
-                        help="largest publish body (413 beyond)")
-    parser.add_argument("--publish-token", metavar="T",
-                        default=os.environ.get("SSE_PUBLISH_TOKEN"),
-                        help="require 'Authorization: Bearer T' to publish (env "
-                             "SSE_PUBLISH_TOKEN); without it only loopback may publish")
-    parser.add_argument("--history", metavar="N", type=int, default=HISTORY_SIZE,
-                        help="events kept per topic for Last-Event-ID replay (0: none)")
-    parser.add_argument("--history-ttl", metavar="S", type=float, default=None,
-                        help="also forget events older than this many seconds")
-    parser.add_argument("--max-topics", metavar="N", type=int, default=MAX_TOPICS,
-                        help="topics holding history; least recently published dropped first")
-    parser.add_argument("--max-clients", metavar="N", type=int, default=MAX_CLIENTS,
-                        help="concurrent subscribers (503 with Retry-After beyond)")
-    parser.add_argument("--write-timeout", metavar="S", type=float, default=WRITE_TIMEOUT_S,
-                        help="drop a client that accepts no bytes for this long")
-    parser.add_argument("--request-timeout", metavar="S", type=float,
-                        default=REQUEST_TIMEOUT_S,
-                        help="time a client has to send a whole request (streams have none)")
-    parser.add_argument("--max-header-bytes", metavar="BYTES", type=int,
-                        default=MAX_HEADER_BYTES, help="largest request header section (431 beyond)")
-    security = parser.add_argument_group("access control and hardening")
-    security.add_argument("--jwt-secret", metavar="S", default=os.environ.get("SSE_JWT_SECRET"),
-                          help="verify HS256 JWTs with this secret (env SSE_JWT_SECRET)")
-    security.add_argument("--jwt-secret-file", metavar="FILE",
-                          help="read the JWT secret from this file (trailing newline ignored)")
-    security.add_argument("--jwt-cookie", metavar="NAME", default=JWT_COOKIE,
-                          help="cookie that may carry the JWT (EventSource withCredentials)")
-    security.add_argument("--private-topic", metavar="PATTERN", action="append", default=[],
-                          help="topic (or prefix ending in *) that needs a JWT to subscribe; "
-                               "repeatable")
-    security.add_argument("--require-auth", action="store_true",
-                          help="every topic needs a JWT to subscribe")
-    security.add_argument("--cors-origin", metavar="ORIGIN", action="append", default=[],
-                          help="allow browsers on this origin (or *, without credentials) to "
-                               "use /events and /publish; repeatable")
-    security.add_argument("--certfile", metavar="PEM", help="serve HTTPS with this certificate")
-    security.add_argument("--keyfile", metavar="PEM", help="private key for --certfile")
-    security.add_argument("--max-clients-per-ip", metavar="N", type=int, default=0,
-                          help="concurrent streams per client address (503 beyond; 0: no limit)")
-    security.add_argument("--publish-rate", metavar="R", type=float, default=0,
-                          help="publishes per second per client address (429 beyond; 0: no "
-                               "limit)")
-    security.add_argument("--publish-burst", metavar="N", type=int, default=20,
-                          help="publishes allowed in a burst with --publish-rate")
-    security.add_argument("--trusted-proxy", metavar="ADDR", action="append", default=[],
-                          help="a reverse proxy (IP address or CIDR block) whose "
-                               "X-Forwarded-For / Forwarded header names the client; repeatable")
-    security.add_argument("--metrics-token", metavar="T",
-                          default=os.environ.get("SSE_METRICS_TOKEN"),
-                          help="let 'Authorization: Bearer T' read /metrics from anywhere (env "
-                               "SSE_METRICS_TOKEN); without it only loopback may")
-    store = parser.add_argument_group("history across restarts")
-    store.add_argument("--store", metavar="FILE", default=os.environ.get("SSE_STORE"),
-                       help="keep the history and the ids in this SQLite file (created if "
-                            "missing; env SSE_STORE): acknowledged events survive a crash or "
-                            "a power cut, and clients resume across restarts")
-    store.add_argument("--store-cache", metavar="N", type=int, default=STORE_CACHE_SIZE,
-                       help="events per topic of the store also kept in memory; replays "
-                            "that reach further back read the file")
-    scale = parser.add_argument_group("several instances (Redis)")
-    scale.add_argument("--redis", metavar="URL", default=os.environ.get("SSE_REDIS_URL"),
-                       help="share events, ids and replay through Redis: redis://[:password@]"
-                            "host:port/db or rediss:// (env SSE_REDIS_URL); needs "
-                            "'pip install redis'")
-    scale.add_argument("--redis-key", metavar="KEY", default=REDIS_KEY,
-                       help="the Redis Stream used; instances sharing it share events")
-    parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"],
-                        help="logging verbosity")
+        description="Server-Sent Events publish/subscribe server (standard library only).")
+    groups: dict[Optional[str], argparse._ActionsContainer] = {None: parser}
+    for field in dataclasses.fields(Settings):
+        meta = field.metadata
+        group = groups.get(meta["group"])
+        if group is None:
+            group = groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        shown = meta["shown"] or {None: "none", (): "none", False: "off"}.get(
+            field.default, field.default)
+        if meta["env"]:
+            shown = f"${meta['env']}, else {shown}"
+        help_text = f"{meta['help']} (default: {shown})".replace("%", "%%")
+        options = {"dest": field.name, "help": help_text}
+        if meta["kind"] == "flag":
+            group.add_argument(meta["flag"], action="store_true", **options)
+            continue
+        if meta["kind"] == "list":
+            options.update(action="append", default=[])
+        else:
+            options.update(default=os.environ.get(meta["env"]) if meta["env"] else field.default,
+                           type=meta["type"], choices=meta["choices"])
+        group.add_argument(meta["flag"], metavar=meta["metavar"], **options)
     return parser
-
-
-def _positive_settings(args: argparse.Namespace) -> Optional[str]:
-    for name in ("heartbeat", "queue_size", "max_body", "max_topics", "max_clients",
-                 "write_timeout", "request_timeout"):
-        if getattr(args, name) <= 0:
-            return f"--{name.replace('_', '-')} must be greater than 0"
-    for name in ("history", "retry", "store_cache"):
-        if getattr(args, name) < 0:
-            return f"--{name.replace('_', '-')} must not be negative"
-    if args.history_ttl is not None and args.history_ttl <= 0:
-        return "--history-ttl must be greater than 0"
-    if args.max_clients_per_ip < 0 or args.publish_rate < 0 or args.publish_burst < 1:
-        return "--max-clients-per-ip and --publish-rate must not be negative, --publish-burst >= 1"
-    if args.max_header_bytes <= 0:
-        return "--max-header-bytes must be greater than 0"
-    if (args.private_topic or args.require_auth) and not args.jwt_secret:
-        return "--private-topic and --require-auth need --jwt-secret or --jwt-secret-file"
-    if args.keyfile and not args.certfile:
-        return "--keyfile needs --certfile"
-    return None
 
 
 FUTEX_HASH_BUCKETS = 4096  # kernel futex hash buckets asked for (Linux >= 6.16)
@@ -3538,21 +3786,11 @@ def _raise_open_files_limit(wanted: int) -> None:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.jwt_secret_file:
-        try:
-            with open(args.jwt_secret_file, encoding="utf-8") as file:
-                args.jwt_secret = file.read().rstrip("\r\n")
-        except OSError as error:
-            parser.error(f"--jwt-secret-file: {error}")
-    problem = _positive_settings(args)
-    if problem:
-        parser.error(problem)
     try:
-        parse_trusted_proxies(args.trusted_proxy)
+        settings = Settings(**vars(parser.parse_args(argv)))
     except ValueError as error:
-        parser.error(f"--trusted-proxy: {error}")
-    logging.basicConfig(level=args.log_level.upper(),
+        parser.error(str(error))
+    logging.basicConfig(level=settings.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # Log records name their thread only if asked to; asking from a handler
     # thread (not a threading.Thread, see SSEServer) would register a dummy
@@ -3567,41 +3805,38 @@ def main(argv: Optional[list[str]] = None) -> int:
     # start-up objects out of collections and collect young objects less often.
     gc.freeze()
     gc.set_threshold(20_000, 50, 100)
-    _raise_open_files_limit(args.max_clients + 256)
+    _raise_open_files_limit(settings.max_clients + 256)
     try:
-        server = SSEServer(
-            (args.host, args.port), static_dir=args.static, heartbeat_s=args.heartbeat,
-            retry_ms=args.retry, queue_size=args.queue_size, max_body_bytes=args.max_body,
-            publish_token=args.publish_token, history_size=args.history,
-            history_ttl_s=args.history_ttl, max_topics=args.max_topics,
-            max_clients=args.max_clients, write_timeout_s=args.write_timeout,
-            request_timeout_s=args.request_timeout, max_header_bytes=args.max_header_bytes,
-            jwt_secret=args.jwt_secret, jwt_cookie=args.jwt_cookie,
-            private_topics=args.private_topic, require_auth=args.require_auth,
-            cors_origins=args.cors_origin, certfile=args.certfile, keyfile=args.keyfile,
-            max_clients_per_ip=args.max_clients_per_ip, publish_rate=args.publish_rate,
-            publish_burst=args.publish_burst, redis_url=args.redis, redis_key=args.redis_key,
-            store=args.store, store_cache_size=args.store_cache,
-            trusted_proxies=args.trusted_proxy, metrics_token=args.metrics_token,
-            csp=args.csp)
+        server = SSEServer((settings.host, settings.port), settings)
     except StoreError as error:     # a --store file that cannot be used, or with --redis
         print(f"sse_server: --store: {error}", file=sys.stderr)
         return 2
     except RuntimeError as error:   # --redis without the redis package
         print(f"sse_server: {error}", file=sys.stderr)
         return 1
+    except ValueError as error:     # an unreadable --jwt-secret-file
+        parser.error(str(error))
     except HTTPError as error:      # an invalid --private-topic pattern
         parser.error(f"--private-topic: {error.reason}")
     except OSError as error:
-        print(f"sse_server: cannot start on {args.host}:{args.port}: {error}", file=sys.stderr)
+        print(f"sse_server: cannot start on {settings.host}:{settings.port}: {error}",
+              file=sys.stderr)
         return 1
     stop = threading.Event()
+
+    def on_signal(signum, frame) -> None:
+        if stop.is_set():   # asked again while stopping: stop now, whatever is under way
+            os.write(2, b"sse_server: stopped at once, without waiting for clients\n")
+            os._exit(128 + signum)
+        stop.set()
+
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, on_signal)
     serving = threading.Thread(target=server.serve_forever, name="accept")
     serving.start()
     print(f"sse_server: serving on {server.url} (Ctrl-C to stop)", flush=True)
     stop.wait()
+    print("sse_server: stopping (Ctrl-C again to stop at once)", flush=True)
     server.shutdown()
     server.server_close()
     serving.join()
