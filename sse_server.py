@@ -120,7 +120,8 @@ __all__ = [
     "parse_query", "parse_publish", "PublishRequest", "resolve_static_path",
     "History", "Retention", "MemoryHistory", "SQLiteHistory", "RedisHistory", "StoreError",
     "open_history",
-    "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "topic_allowed", "main",
+    "AccessPolicy", "RateLimiter", "decode_jwt", "encode_jwt", "HMACKey", "RSAPublicKey",
+    "topic_allowed", "main",
 ]
 
 __version__ = "1.0"
@@ -272,6 +273,9 @@ class Settings:
     jwt_secret_file: Optional[str] = _option(
         None, "--jwt-secret-file", "read the JWT secret from this file (trailing newline "
         "ignored)", metavar="FILE", group=_SECURITY)
+    jwt_public_key: Optional[str] = _option(
+        None, "--jwt-public-key", "verify RS256 JWTs (as identity providers issue them) with "
+        "this PEM public key file", metavar="FILE", group=_SECURITY)
     jwt_cookie: str = _option(JWT_COOKIE, "--jwt-cookie",
                               "cookie that may carry the JWT (EventSource withCredentials)",
                               metavar="NAME", group=_SECURITY)
@@ -340,9 +344,9 @@ class Settings:
             if check == "not_negative" and not value >= 0:
                 raise ValueError(f"{flag} must not be negative")
         if (self.private_topics or self.require_auth) and not (
-                self.jwt_secret or self.jwt_secret_file):
-            raise ValueError("--private-topic and --require-auth need --jwt-secret or "
-                             "--jwt-secret-file")
+                self.jwt_secret or self.jwt_secret_file or self.jwt_public_key):
+            raise ValueError("--private-topic and --require-auth need --jwt-secret, "
+                             "--jwt-secret-file or --jwt-public-key")
         if self.keyfile and not self.certfile:
             raise ValueError("--keyfile needs --certfile")
         try:
@@ -939,11 +943,130 @@ def _b64url_decode(part: str) -> bytes:
 _BASE64URL = re.compile(r"[A-Za-z0-9_-]*")
 
 
-def decode_jwt(token: str, secret: bytes, *, now: float, leeway_s: float = JWT_LEEWAY_S) -> dict:
-    """Verify an HS256 JSON Web Token and return its claims.
+# RS256 (RFC 7518 3.3): RSASSA-PKCS1-v1_5 with SHA-256 (RFC 8017 8.2.2), for
+# the tokens identity providers issue. Verifying needs no library: one
+# modular exponentiation and an exact comparison of the whole encoded block.
 
-    Only alg HS256 is accepted (never "none", never an algorithm the token
-    picks); `exp` and `nbf` are enforced with `leeway_s` of clock skew."""
+RSA_MIN_BITS = 2048             # smaller keys are refused when loaded
+_RSA_ENCRYPTION_OID = bytes.fromhex("2a864886f70d010101")          # 1.2.840.113549.1.1.1
+_SHA256_DIGEST_INFO = bytes.fromhex("3031300d060960864801650304020105000420")   # RFC 8017 9.2
+
+
+def _der_read(data: bytes, offset: int, tag: int) -> tuple[bytes, int]:
+    """The contents of the DER element with `tag` at `offset`, and the
+    offset after it. Strict: definite, minimal lengths only."""
+    if offset + 2 > len(data) or data[offset] != tag:
+        raise ValueError(f"expected DER tag {tag:#04x} at byte {offset}")
+    length, offset = data[offset + 1], offset + 2
+    if length & 0x80:
+        count = length & 0x7F
+        if not 1 <= count <= 4 or offset + count > len(data) or data[offset] == 0:
+            raise ValueError("bad DER length")
+        length, offset = int.from_bytes(data[offset:offset + count], "big"), offset + count
+        if length < 0x80:
+            raise ValueError("bad DER length (not minimal)")
+    if offset + length > len(data):
+        raise ValueError("truncated DER")
+    return data[offset:offset + length], offset + length
+
+
+def _der_positive_integer(data: bytes, offset: int) -> tuple[int, int]:
+    contents, offset = _der_read(data, offset, 0x02)
+    if not contents or contents[0] & 0x80 or (
+            len(contents) > 1 and contents[0] == 0 and not contents[1] & 0x80):
+        raise ValueError("not a minimal positive DER INTEGER")
+    return int.from_bytes(contents, "big"), offset
+
+
+class RSAPublicKey(NamedTuple):
+    """An RSA public key that verifies RS256 signatures."""
+    n: int      # the modulus
+    e: int      # the public exponent
+
+    alg = "RS256"
+
+    @classmethod
+    def from_pem(cls, text: str) -> "RSAPublicKey":
+        """A PEM "PUBLIC KEY" (SubjectPublicKeyInfo, what identity providers
+        publish) or "RSA PUBLIC KEY" (PKCS #1). ValueError if it is not one."""
+        match = re.search(r"-----BEGIN (RSA )?PUBLIC KEY-----\s*([A-Za-z0-9+/=\s]+?)"
+                          r"-----END (RSA )?PUBLIC KEY-----", text)
+        if not match or match.group(1) != match.group(3):
+            raise ValueError("not a PEM public key (-----BEGIN PUBLIC KEY-----); a "
+                             "certificate's key can be taken out with: openssl x509 -pubkey "
+                             "-noout -in cert.pem")
+        try:
+            der = base64.b64decode("".join(match.group(2).split()), validate=True)
+        except binascii.Error:
+            raise ValueError("the PEM key is not valid base64") from None
+        if not match.group(1):      # SubjectPublicKeyInfo around an RSAPublicKey
+            info, end = _der_read(der, 0, 0x30)
+            if end != len(der):
+                raise ValueError("bytes after the key")
+            algorithm, offset = _der_read(info, 0, 0x30)
+            oid, after_oid = _der_read(algorithm, 0, 0x06)
+            if oid != _RSA_ENCRYPTION_OID:
+                raise ValueError("not an RSA key (RS256 needs one)")
+            if algorithm[after_oid:] not in (b"", b"\x05\x00"):     # parameters: NULL
+                raise ValueError("bad RSA key parameters")
+            bits, end = _der_read(info, offset, 0x03)
+            if end != len(info) or not bits or bits[0] != 0:
+                raise ValueError("bad public key bit string")
+            der = bits[1:]
+        sequence, end = _der_read(der, 0, 0x30)
+        if end != len(der):
+            raise ValueError("bytes after the key")
+        n, offset = _der_positive_integer(sequence, 0)
+        e, offset = _der_positive_integer(sequence, offset)
+        if offset != len(sequence):
+            raise ValueError("bytes after the key's exponent")
+        if n.bit_length() < RSA_MIN_BITS:
+            raise ValueError(f"a {n.bit_length()}-bit RSA key; at least {RSA_MIN_BITS} bits")
+        if e < 3 or e % 2 == 0 or e >= n:
+            raise ValueError("bad RSA public exponent")
+        return cls(n, e)
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        """RSASSA-PKCS1-v1_5 verification with SHA-256 (RFC 8017 8.2.2): the
+        signature is exactly as long as the modulus, below it, and opens to
+        the one block that encodes this message's digest."""
+        size = (self.n.bit_length() + 7) // 8
+        if len(signature) != size:
+            return False
+        s = int.from_bytes(signature, "big")
+        if s >= self.n:
+            return False
+        encoded = pow(s, self.e, self.n).to_bytes(size, "big")
+        digest_info = _SHA256_DIGEST_INFO + hashlib.sha256(signing_input).digest()
+        expected = (b"\x00\x01" + b"\xff" * (size - 3 - len(digest_info)) + b"\x00"
+                    + digest_info)
+        return hmac.compare_digest(encoded, expected)
+
+
+class HMACKey(NamedTuple):
+    """An HS256 secret."""
+    secret: bytes
+
+    alg = "HS256"
+
+    def verify(self, signing_input: bytes, signature: bytes) -> bool:
+        expected = hmac.new(self.secret, signing_input, hashlib.sha256).digest()
+        return hmac.compare_digest(signature, expected)
+
+
+def decode_jwt(token: str, keys, *, now: float, leeway_s: float = JWT_LEEWAY_S) -> dict:
+    """Verify a JSON Web Token and return its claims. `keys`: an HS256
+    secret (bytes), an HMACKey or RSAPublicKey, or a list of them.
+
+    The key fixes the algorithm: a token must name the alg of one of the
+    keys (never "none", never one the token picks), so an RS256 public key
+    can never serve as an HS256 secret. `exp` and `nbf` are enforced with
+    `leeway_s` of clock skew."""
+    if isinstance(keys, (bytes, str)):
+        keys = [HMACKey(keys.encode("utf-8") if isinstance(keys, str) else keys)]
+    elif hasattr(keys, "verify"):
+        keys = [keys]
+    by_alg = {key.alg: key for key in keys}
     if len(token) > MAX_TOKEN_BYTES:
         raise Unauthorized(f"token longer than {MAX_TOKEN_BYTES} bytes", error="invalid_token")
     parts = token.split(".")
@@ -955,10 +1078,11 @@ def decode_jwt(token: str, secret: bytes, *, now: float, leeway_s: float = JWT_L
         signature = _b64url_decode(parts[2])
     except ValueError:      # bad base64, bad UTF-8 and bad JSON are all ValueErrors
         raise Unauthorized("malformed token", error="invalid_token") from None
-    if not isinstance(header, dict) or header.get("alg") != "HS256":
-        raise Unauthorized("token algorithm must be HS256", error="invalid_token")
-    expected = hmac.new(secret, f"{parts[0]}.{parts[1]}".encode("ascii"), hashlib.sha256).digest()
-    if not hmac.compare_digest(signature, expected):
+    key = by_alg.get(header.get("alg")) if isinstance(header, dict) else None
+    if key is None:
+        raise Unauthorized(f"token algorithm must be {' or '.join(by_alg)}",
+                           error="invalid_token")
+    if not key.verify(f"{parts[0]}.{parts[1]}".encode("ascii"), signature):
         raise Unauthorized("bad token signature", error="invalid_token")
     if not isinstance(claims, dict):
         raise Unauthorized("token claims must be a JSON object", error="invalid_token")
@@ -1010,28 +1134,34 @@ class AccessPolicy:
     """Who may subscribe to and publish on which topic. Pure: no sockets.
 
     - Publishing: `Authorization: Bearer <publish_token>` always works when a
-      publish token is set. With a JWT secret, a token whose sse.publish
+      publish token is set. With a JWT key (an HS256 secret, an RS256 public
+      key, or both), a token whose sse.publish
       claim covers every target topic works too. With neither configured,
       only loopback clients may publish.
     - Subscribing: a topic matching a private pattern (or every topic, with
       require_auth) needs a token whose sse.subscribe claim covers it."""
 
     def __init__(self, *, publish_token: Optional[str] = None, jwt_secret: Optional[str] = None,
+                 jwt_public_key: Optional[RSAPublicKey] = None,
                  private_topics: Iterable[str] = (), require_auth: bool = False,
                  metrics_token: Optional[str] = None, clock: Callable[[], float] = time.time):
         self.publish_token = publish_token
         self.metrics_token = metrics_token
-        self.jwt_secret = jwt_secret.encode("utf-8") if jwt_secret else None
+        self.jwt_keys: list = []    # the key fixes the algorithm (see decode_jwt)
+        if jwt_secret:
+            self.jwt_keys.append(HMACKey(jwt_secret.encode("utf-8")))
+        if jwt_public_key is not None:
+            self.jwt_keys.append(jwt_public_key)
         self.private_topics = [validate_selector(pattern) for pattern in private_topics]
         self.require_auth = require_auth
         self._clock = clock
-        if (self.private_topics or require_auth) and not self.jwt_secret:
-            raise ValueError("private topics and require_auth need a JWT secret")
+        if (self.private_topics or require_auth) and not self.jwt_keys:
+            raise ValueError("private topics and require_auth need a JWT key")
 
     def _claims(self, token: Optional[str]) -> Optional[dict]:
-        if token is None or self.jwt_secret is None:
+        if token is None or not self.jwt_keys:
             return None
-        return decode_jwt(token, self.jwt_secret, now=self._clock())
+        return decode_jwt(token, self.jwt_keys, now=self._clock())
 
     def check_subscribe(self, topics: Iterable[str], token: Optional[str]) -> Optional[float]:
         """Raise 401/403 unless allowed; returns the token's `exp` when the
@@ -1055,7 +1185,7 @@ class AccessPolicy:
         if self.publish_token and bearer is not None and hmac.compare_digest(
                 bearer.encode("utf-8"), self.publish_token.encode("utf-8")):
             return None
-        if self.jwt_secret:
+        if self.jwt_keys:
             claims = self._claims(token)
             if claims is None:
                 raise Unauthorized("publishing needs a token", error="invalid_token")
@@ -3541,6 +3671,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         self.trusted_proxies = parse_trusted_proxies(settings.trusted_proxies)
         self.access = AccessPolicy(publish_token=settings.publish_token,
                                    jwt_secret=_jwt_secret(settings),
+                                   jwt_public_key=_jwt_public_key(settings),
                                    private_topics=settings.private_topics,
                                    require_auth=settings.require_auth,
                                    metrics_token=settings.metrics_token)
@@ -3689,6 +3820,17 @@ def _jwt_secret(settings: Settings) -> Optional[str]:
             return file.read().rstrip("\r\n")
     except OSError as error:
         raise ValueError(f"--jwt-secret-file: {error}") from None
+
+
+def _jwt_public_key(settings: Settings) -> Optional[RSAPublicKey]:
+    """The key of --jwt-public-key (ValueError if unreadable or not one)."""
+    if not settings.jwt_public_key:
+        return None
+    try:
+        with open(settings.jwt_public_key, encoding="ascii") as file:
+            return RSAPublicKey.from_pem(file.read())
+    except (OSError, UnicodeDecodeError, ValueError) as error:
+        raise ValueError(f"--jwt-public-key: {error}") from None
 
 
 def open_history(settings: Settings) -> History:

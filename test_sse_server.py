@@ -98,6 +98,7 @@ from sse_server import (Broker, HTTPError, SSERequestHandler, SSEServer, encode_
                         validate_topics)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+OPENSSL = shutil.which("openssl")     # test certificates and RSA keys
 
 
 class LogRecorder(logging.Handler):
@@ -2284,6 +2285,131 @@ class JWTTests(unittest.TestCase):
         self.assertFalse(allowed([], "a"))
 
 
+def b64url(data: bytes) -> str:
+    return __import__("base64").urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+@unittest.skipUnless(OPENSSL or REQUIRE_BROWSER, "openssl not found to make RSA test keys")
+class RS256Tests(unittest.TestCase):
+    """RS256 tokens, signed by the openssl command line, verified by ours."""
+
+    @classmethod
+    def setUpClass(cls):
+        if not OPENSSL:
+            raise AssertionError("openssl is needed to make the RSA test keys")
+        cls.folder = tempfile.TemporaryDirectory()
+        cls.key, cls.public_pem = cls.make_key("key", 2048)
+        cls.other_key, _ = cls.make_key("other", 2048)
+        cls.pkcs1_pem = cls.openssl("rsa", "-in", cls.key, "-RSAPublicKey_out").decode()
+        cls.public = sse_server.RSAPublicKey.from_pem(cls.public_pem)
+        cls.public_path = os.path.join(cls.folder.name, "public.pem")
+        with open(cls.public_path, "w") as file:
+            file.write(cls.public_pem)
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.folder.cleanup()
+
+    @classmethod
+    def openssl(cls, *args, data: bytes = b"") -> bytes:
+        return subprocess.run([OPENSSL, *args], input=data, capture_output=True, check=True,
+                              timeout=WAIT_S).stdout
+
+    @classmethod
+    def make_key(cls, name: str, bits: int, algorithm: str = "RSA") -> tuple[str, str]:
+        path = os.path.join(cls.folder.name, f"{name}.pem")
+        options = (["-pkeyopt", f"rsa_keygen_bits:{bits}"] if algorithm == "RSA"
+                   else ["-pkeyopt", "ec_paramgen_curve:prime256v1"])
+        cls.openssl("genpkey", "-algorithm", algorithm, *options, "-out", path)
+        return path, cls.openssl("pkey", "-in", path, "-pubout").decode()
+
+    @classmethod
+    def sign(cls, claims: dict, key=None, header=None) -> str:
+        signing_input = (b64url(json.dumps(header or {"alg": "RS256", "typ": "JWT"}).encode())
+                         + "." + b64url(json.dumps(claims).encode()))
+        signature = cls.openssl("dgst", "-sha256", "-sign", key or cls.key,
+                                data=signing_input.encode())
+        return signing_input + "." + b64url(signature)
+
+    def decode(self, token, keys=None):
+        return sse_server.decode_jwt(token, keys or self.public, now=time.time())
+
+    def test_a_token_signed_by_the_key_is_accepted_in_either_pem_form(self):
+        claims = {"sub": "alice", "sse": {"subscribe": ["*"]}}
+        self.assertEqual(self.decode(self.sign(claims)), claims)
+        pkcs1 = sse_server.RSAPublicKey.from_pem(self.pkcs1_pem)
+        self.assertEqual(pkcs1, self.public)
+        self.assertEqual(self.decode(self.sign(claims), pkcs1), claims)
+
+    def test_forged_tokens_are_refused(self):
+        good = self.sign({"sub": "alice"})
+        header, payload, signature = good.split(".")
+        raw = __import__("base64").urlsafe_b64decode(signature + "==")
+        n_bytes = self.public.n.to_bytes(len(raw), "big")
+        mallory = b64url(json.dumps({"sub": "mallory"}).encode())
+        alg_none = b64url(json.dumps({"alg": "none"}).encode())
+        cases = {
+            "another key": self.sign({"sub": "alice"}, key=self.other_key),
+            "truncated signature": f"{header}.{payload}.{b64url(raw[:-1])}",
+            "padded signature": f"{header}.{payload}.{b64url(bytes(1) + raw)}",
+            "signature not below the modulus": f"{header}.{payload}.{b64url(n_bytes)}",
+            "tampered payload": f"{header}.{mallory}.{signature}",
+            "alg none": f"{alg_none}.{payload}.",
+            "HS256 with the PEM as its secret": sse_server.encode_jwt(
+                {"sub": "alice"}, self.public_pem.encode()),
+            "RS512 named": self.sign({"sub": "alice"}, header={"alg": "RS512"}),
+        }
+        for name, forged in cases.items():
+            with self.subTest(name), self.assertRaises(HTTPError) as caught:
+                self.decode(forged)
+            self.assertEqual(caught.exception.status, 401)
+
+    def test_each_key_takes_only_its_own_algorithm(self):
+        keys = [sse_server.HMACKey(SECRET.encode()), self.public]
+        self.assertEqual(self.decode(self.sign({"a": 1}), keys), {"a": 1})
+        self.assertEqual(self.decode(token(a=2), keys), {"a": 2})
+        with self.assertRaises(HTTPError):      # an HS256 token, but no secret configured
+            self.decode(token(a=3))
+
+    def test_keys_that_are_not_usable_rsa_public_keys_are_refused(self):
+        _, small = self.make_key("small", 1024)
+        _, ec = self.make_key("ec", 0, algorithm="EC")
+        certificate = self.openssl("req", "-x509", "-key", self.key, "-subj", "/CN=x",
+                                   "-days", "1").decode()
+        cases = {"1024 bits": (small, "at least 2048"), "EC": (ec, "not an RSA key"),
+                 "certificate": (certificate, "openssl x509 -pubkey"),
+                 "garbage": ("-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----",
+                             "DER"),
+                 "private key": (read_text(self.key), "not a PEM public key")}
+        for name, (pem, says) in cases.items():
+            with self.subTest(name), self.assertRaises(ValueError) as caught:
+                sse_server.RSAPublicKey.from_pem(pem)
+            self.assertIn(says, str(caught.exception))
+
+    def test_a_server_with_the_public_key_checks_subscribers_and_publishers(self):
+        server = run_server(self, jwt_public_key=self.public_path, private_topics=["private/*"])
+        port = server.server_address[1]
+        allowed = self.sign({"sse": {"subscribe": ["private/*"], "publish": ["private/x"]}})
+        client = StreamClient(port, "topic=private/x",
+                              headers=[f"Authorization: Bearer {allowed}"])
+        self.addCleanup(client.close)
+        self.assertEqual(client.status, 200)
+        status, _, _ = http_request(port, "POST", "/publish?topic=private/x", b"hi",
+                                    {"Authorization": f"Bearer {allowed}",
+                                     "Content-Type": "text/plain"})
+        self.assertEqual(status, 200)
+        self.assertEqual(client.next_event().data, "hi")
+        forged = self.sign({"sse": {"subscribe": ["*"]}}, key=self.other_key)
+        status, _, _ = http_request(port, "GET", "/events?topic=private/x",
+                                    headers={"Authorization": f"Bearer {forged}"})
+        self.assertEqual(status, 401)
+
+    def test_the_command_line_refuses_an_unusable_key_file(self):
+        process = run_command_line("--jwt-public-key", self.key)   # a private key
+        self.assertEqual(process.returncode, 2)
+        self.assertIn("--jwt-public-key: not a PEM public key", process.stderr)
+
+
 class AccessPolicyTests(unittest.TestCase):
     def policy(self, **options):
         return sse_server.AccessPolicy(jwt_secret=SECRET, **options)
@@ -2470,7 +2596,6 @@ class CORSTests(ServerTestCase):
         self.assertNotIn("access-control-allow-credentials", client.headers)
 
 
-OPENSSL = __import__("shutil").which("openssl")
 
 
 @unittest.skipUnless(OPENSSL or REQUIRE_BROWSER, "openssl not found to make a test certificate")
