@@ -83,6 +83,7 @@ import bisect
 import collections
 import dataclasses
 import errno
+import functools
 import gc
 import hashlib
 import hmac
@@ -153,6 +154,8 @@ SHUTDOWN_GRACE_S = 1.5          # time streams get to say goodbye before sockets
 CLOSE_WAIT_S = 2.0              # longest shutdown waits for a fan-out (or a commit) under way
 SHUTDOWN_RETRY_MS = (1000, 5000)  # reconnect spread told to clients at shutdown
 MAX_CHUNK_BYTES = 256 * 1024    # replayed frames are joined into chunks up to this size
+SELECTOR_SETS = 1000            # distinct mercure.subscribe lists kept compiled
+PATTERN_CACHE_TOPICS = 10_000  # topics whose matching selectors (URI templates) are cached
 FAN_OUT_SPLIT_SUBSCRIBERS = 500   # a fan-out to more is shared with a helper thread
 THREAD_STACK_BYTES = 256 * 1024  # per-thread stack when run from the command line
 STARTUP_TURNS = 1               # connections being set up at once (see BurstAcceptMixIn)
@@ -637,18 +640,25 @@ CONNECTED_COMMENT = format_comment("connected")
 HEARTBEAT_COMMENT = format_comment("heartbeat")
 
 
-def format_event_id(run_id: str, seq: int) -> str:
-    return f"{run_id}-{seq}"
+def format_event_id(run_id: str, seq: int, iri: bool = False) -> str:
+    """"<run>-<seq>"; as an IRI (for the Mercure route) "urn:sse:<run>-<seq>"."""
+    return f"{MERCURE_ID_PREFIX}{run_id}-{seq}" if iri else f"{run_id}-{seq}"
+
+
+def native_id(text: str) -> str:
+    """An id without the IRI form's prefix: both forms name the same event."""
+    return text[len(MERCURE_ID_PREFIX):] if text.startswith(MERCURE_ID_PREFIX) else text
 
 
 def parse_event_id(text: Optional[str], run_id: str) -> Optional[int]:
-    """The sequence number in an id of this run ("<run>-<seq>"), else None.
+    """The sequence number in an id of this run ("<run>-<seq>", or its IRI
+    form), else None.
 
     An id from another run of the server, or garbage, gives None: it is never
     mistaken for a position in this run."""
     if not text:
         return None
-    run, sep, seq = text.rpartition("-")
+    run, sep, seq = native_id(text).rpartition("-")
     if not sep or run != run_id or not seq.isascii() or not seq.isdigit():
         return None
     return int(seq)
@@ -1155,19 +1165,33 @@ class AccessPolicy:
         self.private_topics = [validate_selector(pattern) for pattern in private_topics]
         self.require_auth = require_auth
         self._clock = clock
+        self._selector_sets: dict[tuple, SelectorSet] = {}
         if (self.private_topics or require_auth) and not self.jwt_keys:
             raise ValueError("private topics and require_auth need a JWT key")
 
-    def _claims(self, token: Optional[str]) -> Optional[dict]:
+    def claims(self, token: Optional[str]) -> Optional[dict]:
+        """The verified claims of `token` (401 if it is bad); None without
+        a token or without a key to check one with."""
         if token is None or not self.jwt_keys:
             return None
         return decode_jwt(token, self.jwt_keys, now=self._clock())
+
+
+    def selector_set(self, selectors: tuple) -> SelectorSet:
+        """One SelectorSet per distinct list, shared by the subscribers
+        whose tokens carry it (so its cache serves them all)."""
+        found = self._selector_sets.get(selectors)
+        if found is None:
+            if len(self._selector_sets) >= SELECTOR_SETS:
+                self._selector_sets.clear()
+            found = self._selector_sets[selectors] = SelectorSet(selectors)
+        return found
 
     def check_subscribe(self, topics: Iterable[str], token: Optional[str]) -> Optional[float]:
         """Raise 401/403 unless allowed; returns the token's `exp` when the
         stream is allowed only because of the token (it must end then)."""
         guarded = [t for t in topics if self.require_auth or topic_allowed(self.private_topics, t)]
-        claims = self._claims(token)            # a bad token is refused even for public topics
+        claims = self.claims(token)            # a bad token is refused even for public topics
         if not guarded:
             return None
         if claims is None:
@@ -1179,17 +1203,24 @@ class AccessPolicy:
         return claims.get("exp")
 
     def check_publisher(self, client_host: str, bearer: Optional[str],
-                        token: Optional[str]) -> Optional[list[str]]:
+                        token: Optional[str], *, mercure: bool = False) -> Optional[list[str]]:
         """Who is publishing: raises 401/403, or returns the topic selectors
-        the publisher may use (None: every topic). Runs before the body is read."""
+        the publisher may use (None: every topic), from the token's
+        sse.publish claim (mercure.publish on the Mercure route). Runs
+        before the body is read."""
         if self.publish_token and bearer is not None and hmac.compare_digest(
                 bearer.encode("utf-8"), self.publish_token.encode("utf-8")):
             return None
         if self.jwt_keys:
-            claims = self._claims(token)
+            claims = self.claims(token)
             if claims is None:
                 raise Unauthorized("publishing needs a token", error="invalid_token")
-            return _claimed_selectors(claims, "publish")
+            if not mercure:
+                return _claimed_selectors(claims, "publish")
+            scope = mercure_claims(claims)
+            if scope is None or not scope.publish:
+                raise Forbidden("the token has no mercure.publish selectors")
+            return list(scope.publish)
         if self.publish_token:
             raise Unauthorized("publishing needs Authorization: Bearer <publish token>")
         if not is_loopback(client_host):
@@ -1244,6 +1275,241 @@ class RateLimiter:
             while len(self._buckets) > self.max_keys:
                 self._buckets.popitem(last=False)
         return wait
+
+
+# --- Mercure: IRI topics, selectors (exact, *, RFC 6570 URI templates), claims -----------
+#
+# The Mercure protocol (draft-dunglas-mercure-07) names topics with IRIs or
+# any string, and subscribers (and the selectors in tokens) pick them with
+# "topic selectors": "*" (every topic), the topic itself, or a URI Template
+# (RFC 6570) that the topic is an expansion of. A template is compiled once
+# (compile_selector is cached) and matched without regular expressions: a
+# walk over the topic that never backtracks, so no crafted template can make
+# a match cost more than (template parts x topic length).
+
+MAX_IRI_CHARS = 2048            # longest Mercure topic, selector or id
+MERCURE_PATH = "/.well-known/mercure"
+MERCURE_COOKIE = "mercureAuthorization"
+MERCURE_ID_PREFIX = "urn:sse:"  # hub-assigned ids on the Mercure route: urn:sse:<run>-<seq>
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def validate_iris(names: Iterable[str], what: str = "topic") -> Topics:
+    """Check Mercure topics (or selectors): any non-empty string of at most
+    MAX_IRI_CHARS without control characters. Returns them as Topics
+    (without duplicates, in order: the first is the canonical topic)."""
+    topics = Topics(dict.fromkeys(names))
+    if not topics:
+        raise BadRequest(f"missing {what}: add {what}=...")
+    if len(topics) > MAX_TOPICS_PER_REQUEST:
+        raise BadRequest(f"too many {what}s: at most {MAX_TOPICS_PER_REQUEST} per request")
+    for name in topics:
+        if not name:
+            raise BadRequest(f"empty {what}")
+        if len(name) > MAX_IRI_CHARS:
+            raise BadRequest(f"{what} longer than {MAX_IRI_CHARS} characters")
+        if _CONTROL_CHARS.search(name):
+            raise BadRequest(f"{what} {name[:80]!r} contains a control character")
+    return topics
+
+
+# RFC 6570, section 2.2 and appendix A: for each operator, what an expansion
+# starts with, and the characters its values may use besides unreserved ones
+# and %XX (the separators, and "=" of the named operators; reserved
+# characters too for + and #). A value may be empty or the variable
+# undefined, so every expression may also expand to nothing.
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_RESERVED = frozenset(":/?#[]@!$&'()*+,;=")
+_TEMPLATE_OPERATORS = {
+    "": ("", ","), "+": ("", ",", *_RESERVED), "#": ("#", ",", *_RESERVED),
+    ".": (".", ".,"), "/": ("/", "/,"), ";": (";", ";,="), "?": ("?", "&,="),
+    "&": ("&", "&,="),
+}
+_VARSPEC = re.compile(r"(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2})(?:\.?(?:[A-Za-z0-9_]|%[0-9A-Fa-f]{2}))*"
+                      r"(?::[1-9][0-9]{0,3}|\*)?")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+class URITemplate:
+    """An RFC 6570 template (levels 1 to 4) as a matcher: matches(topic) is
+    true if some values of its variables expand it to `topic`. `{id}`
+    matches one path segment (unreserved characters and %XX: no "/"), `{+id}`
+    and `{#id}` reserved characters too, `{/a,b}` `{.a}` `{;a}` `{?a,b}`
+    `{&a}` what their expansions start with and separate by."""
+
+    __slots__ = ("text", "_parts")
+
+    def __init__(self, text: str):
+        self.text = text
+        self._parts: list = []      # literal strings, and (first, allowed) per expression
+        position = 0
+        while position < len(text):
+            start = text.find("{", position)
+            if start < 0:
+                start = len(text)
+            literal = text[position:start]
+            if "}" in literal:
+                raise ValueError(f"'}}' without '{{' at {position + literal.index('}')}")
+            if literal:
+                self._parts.append(literal)
+            if start == len(text):
+                break
+            end = text.find("}", start)
+            if end < 0:
+                raise ValueError(f"'{{' at {start} is never closed")
+            expression = text[start + 1:end]
+            operator = expression[:1] if expression[:1] in "+#./;?&" else ""
+            names = expression[len(operator):]
+            if not names or not all(_VARSPEC.fullmatch(spec) for spec in names.split(",")):
+                raise ValueError(f"invalid expression {{{expression}}}")
+            first, *extra = _TEMPLATE_OPERATORS[operator]
+            allowed = _UNRESERVED.union(*extra)
+            self._parts.append((first, allowed))
+            position = end + 1
+
+    def matches(self, topic: str) -> bool:
+        positions = {0}     # where in `topic` the parts so far can have ended
+        for part in self._parts:
+            if type(part) is str:
+                positions = {p + len(part) for p in positions if topic.startswith(part, p)}
+            else:
+                positions = self._expansion_ends(topic, positions, *part)
+            if not positions:
+                return False
+        return len(topic) in positions
+
+    @staticmethod
+    def _expansion_ends(topic: str, starts: set, first: str, allowed: frozenset) -> set:
+        """Where an expression can end, having started at one of `starts`.
+        Each position is walked from once: from a position the walk goes on
+        the same way whoever reached it, so the cost stays linear."""
+        ends = set(starts)      # an expansion to nothing
+        for p in sorted(starts):
+            if first:
+                if not topic.startswith(first, p):
+                    continue
+                p += len(first)
+                if p in ends:
+                    continue
+                ends.add(p)
+            while p < len(topic):
+                char = topic[p]
+                if char in allowed or char >= "\xa0":   # IRI characters beyond ASCII too
+                    p += 1
+                elif char == "%" and topic[p + 1:p + 2] in _HEX and topic[p + 2:p + 3] in _HEX:
+                    p += 3
+                else:
+                    break
+                if p in ends:
+                    break
+                ends.add(p)
+        return ends
+
+
+class _Everything:
+    __slots__ = ()
+    text = "*"
+
+    @staticmethod
+    def matches(topic: str) -> bool:
+        return True
+
+
+class _Exactly(NamedTuple):
+    text: str
+
+    def matches(self, topic: str) -> bool:
+        return topic == self.text
+
+
+class _TemplateOrItself(NamedTuple):
+    text: str
+    template: URITemplate
+
+    def matches(self, topic: str) -> bool:
+        # The draft's rule 2: a selector also matches itself, so that a
+        # template in a token can allow the same template in a subscription.
+        return topic == self.text or self.template.matches(topic)
+
+
+@functools.lru_cache(maxsize=4096)
+def compile_selector(text: str):
+    """A topic selector as an object with .text and .matches(topic): "*",
+    a URI template, or (no braces) the topic itself. One object per distinct
+    selector is shared by everyone using it. ValueError if a template is
+    invalid."""
+    if text == "*":
+        return _Everything()
+    if "{" not in text and "}" not in text:
+        return _Exactly(text)
+    return _TemplateOrItself(text, URITemplate(text))
+
+
+def is_pattern(selector: str) -> bool:
+    """Does this selector select more than the one topic of its own name?"""
+    return selector == "*" or "{" in selector
+
+
+class SelectorSet:
+    """The selectors of a token's mercure.subscribe claim, compiled, with the
+    answer for recent topic lists cached: deciding whether a subscriber may
+    see a private update is then one dictionary lookup."""
+
+    __slots__ = ("selectors", "_answers")
+    CACHE_SIZE = 1024
+
+    def __init__(self, selectors: Iterable[str]):
+        self.selectors = tuple(compile_selector(text) for text in selectors)
+        self._answers: dict[tuple, bool] = {}
+
+    def matches_any(self, topics: tuple) -> bool:
+        answer = self._answers.get(topics)
+        if answer is None:
+            answer = any(s.matches(t) for t in topics for s in self.selectors)
+            if len(self._answers) >= self.CACHE_SIZE:
+                self._answers.clear()
+            self._answers[topics] = answer
+        return answer
+
+
+class MercureClaims(NamedTuple):
+    """The `mercure` claim of a token: selectors for publish and subscribe,
+    and the payload shown in subscription events."""
+    publish: tuple
+    subscribe: tuple
+    payload: object
+
+
+def mercure_claims(claims: Optional[dict]) -> Optional[MercureClaims]:
+    """The token's `mercure` claim, checked; None without a token (or
+    without the claim). A claim of the wrong shape is a 401, never read as
+    "no rights"."""
+    if claims is None or "mercure" not in claims:
+        return None
+    scope = claims["mercure"]
+    if not isinstance(scope, dict):
+        raise Unauthorized("token claim mercure must be a JSON object", error="invalid_token")
+    lists = {}
+    for name in ("publish", "subscribe"):
+        value = scope.get(name, [])
+        if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+            raise Unauthorized(f"token claim mercure.{name} must be a list of strings",
+                               error="invalid_token")
+        try:
+            for selector in value:
+                compile_selector(selector)
+        except ValueError as error:
+            raise Unauthorized(f"token claim mercure.{name}: invalid selector: {error}",
+                               error="invalid_token") from None
+        lists[name] = tuple(value)
+    return MercureClaims(lists["publish"], lists["subscribe"], scope.get("payload"))
+
+
+def is_reserved_topic(topic: str) -> bool:
+    """Topics under /.well-known/mercure (the hub's own, such as subscription
+    events), as a path or in an absolute IRI of any host."""
+    path = urllib.parse.urlsplit(topic).path if "://" in topic else topic
+    return path == MERCURE_PATH or path.startswith(MERCURE_PATH + "/")
 
 
 def encode_data(data: object) -> str:
@@ -1598,21 +1864,40 @@ class Published(NamedTuple):
 
 
 class Subscriber(StreamSink):
-    """A StreamSink the broker has registered for `topics`."""
+    """A StreamSink the broker has registered: it gets the events of its
+    `topics` and of every topic one of its `patterns` (compiled selectors,
+    see compile_selector) matches; a private event only if `authorized`
+    (the SelectorSet of its token) matches one of the event's topics."""
 
-    __slots__ = ("topics",)
+    __slots__ = ("topics", "patterns", "authorized")
 
     def __init__(self, topics: Iterable[str], io: Optional[SocketIO] = None, *,
-                 chunked: bool = True):
+                 chunked: bool = True, patterns: tuple = (),
+                 authorized: Optional[SelectorSet] = None):
         super().__init__(io, chunked=chunked)
         self.topics = validate_topics(topics)
+        self.patterns = patterns
+        self.authorized = authorized
+
+    def may_see(self, topics: tuple, private: bool) -> bool:
+        """May an event of `topics` reach this subscriber, as far as
+        privacy goes? (Which topics it gets is the broker's business.)"""
+        return not private or (self.authorized is not None and
+                               self.authorized.matches_any(topics))
+
+    def selects(self, topic: str) -> bool:
+        return topic in self.topics or any(p.matches(topic) for p in self.patterns)
+
+    def wants(self, topics: tuple, private: bool) -> bool:
+        """Should it get an event of `topics`? (What a replay asks.)"""
+        return self.may_see(topics, private) and any(self.selects(t) for t in topics)
 
 
 class _Event:
-    __slots__ = ("seq", "id", "frame", "topics", "created", "reached", "refused")
+    __slots__ = ("seq", "id", "frame", "topics", "created", "reached", "refused", "private")
 
     def __init__(self, seq: int, id: Optional[str], frame: bytes, created: float,
-                 topics: tuple[str, ...] = ()):
+                 topics: tuple[str, ...] = (), private: bool = False):
         self.seq = seq              # the broker's order (in a local history, the id's number)
         self.id = id                # None for a notice that is not an event (a reset)
         self.frame = frame          # the event's bytes (kept in history)
@@ -1620,6 +1905,7 @@ class _Event:
         self.created = created      # by the broker's clock: for the delivery histogram
         self.reached = 0
         self.refused: Optional[ServiceUnavailable] = None   # why its history could not keep it
+        self.private = private      # only for subscribers whose token allows one of its topics
 
 
 DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -1721,6 +2007,12 @@ class Broker:
         self._last_id = self.history.last_id    # newest event handed out (or kept at start)
         self._seq = parse_event_id(self._last_id, self.history.run_id) or 0
         self._subscribers_by_topic: dict[str, set[Subscriber]] = {}
+        # Subscribers by selector ("*" or a URI template), each selector's
+        # compiled form, and for recently published topics which selectors
+        # match them (bounded; cleared when a new selector comes).
+        self._subscribers_by_pattern: dict[str, set[Subscriber]] = {}
+        self._patterns: dict[str, object] = {}
+        self._patterns_of_topic: dict[str, tuple[str, ...]] = {}
         self._subscriber_count = 0
         self._closed = False
         self._pending: list[_Event] = []   # published, not yet handed out
@@ -1744,43 +2036,51 @@ class Broker:
     # Publishing
 
     def publish(self, topics, data: object, *, event: Optional[str] = None,
-                retry: Optional[int] = None) -> Published:
+                retry: Optional[int] = None, private: bool = False,
+                iri_id: bool = False) -> Published:
         """Send one event to every subscriber of `topics` (a name or a list).
 
         Returns (id, subscribers reached). Never blocks on a client; waits
         for the history to keep the event (with --store, a sync to disk)
         and raises ServiceUnavailable if it cannot, or once the broker is
-        closed."""
+        closed. A `private` event reaches only subscribers whose token
+        allows one of its topics; `iri_id` gives the id its IRI form
+        (urn:sse:..., for the Mercure route)."""
         topic_list, text = _prepare_event(topics, data, event, retry)
         if self._closed:
             raise ServiceUnavailable("server is shutting down")
         if self.history.shared:     # it numbers the event and hands it back to us
-            event_id = self.history.add(topic_list, text, event, retry)
+            event_id = self.history.add(topic_list, text, event, retry, private=private,
+                                        iri_id=iri_id)
             with self._lock:
-                return Published(event_id, len(self._subscribers_of_locked(topic_list)))
+                return Published(event_id,
+                                 len(self._subscribers_of_locked(topic_list, private)))
         with self._lock:
             if self._closed:        # (checked again: close() may have come meanwhile)
                 raise ServiceUnavailable("server is shutting down")
             self._seq += 1
-            event_id = format_event_id(self.history.run_id, self._seq)
+            event_id = format_event_id(self.history.run_id, self._seq, iri_id)
             item = _Event(self._seq, event_id, _encode_event(text, event, event_id, retry),
-                          self._clock(), topic_list)
+                          self._clock(), topic_list, private)
             self._pending.append(item)
             self._flush_through(item.seq)
         if item.refused:    # each of the batch's publishers raises an error of its own
             raise ServiceUnavailable(item.refused.reason, item.refused.retry_after_s)
         return Published(event_id, item.reached)
 
-    def hand_out(self, entries: Iterable[tuple[Optional[str], bytes, Optional[tuple]]]) -> None:
-        """Fan out (id, frame, topics) that a shared history has kept, in its
-        order, whoever published them. Topics None: every subscriber (a
-        notice with no id, such as a reset)."""
+    def hand_out(self, entries: Iterable[tuple[Optional[str], bytes, Optional[tuple], bool]]
+                 ) -> None:
+        """Fan out (id, frame, topics, private) that a shared history has
+        kept, in its order, whoever published them. Topics None: every
+        subscriber (a notice with no id, such as a reset)."""
         with self._lock:
-            for event_id, frame, topics in entries:
+            for event_id, frame, topics, private in entries:
                 if topics is None:
-                    topics = tuple(self._subscribers_by_topic)
+                    topics = (*self._subscribers_by_topic, *self._subscribers_by_pattern)
+                    topics = topics or ("*",)
                 self._seq += 1
-                self._pending.append(_Event(self._seq, event_id, frame, self._clock(), topics))
+                self._pending.append(_Event(self._seq, event_id, frame, self._clock(), topics,
+                                            private))
             self._flush_through(self._seq)
 
     # Fan-out by group commit: events wait in _pending; one publisher at a
@@ -1851,25 +2151,47 @@ class Broker:
 
     def _shares_locked(self, batch: list[_Event]) -> list[tuple[list[Subscriber], list[_Event]]]:
         """Group the batch by who gets what: [(subscribers, their events)]."""
-        by_topics: dict[tuple[str, ...], list[_Event]] = {}
+        by_topics: dict[tuple, list[_Event]] = {}
         for item in batch:
-            by_topics.setdefault(item.topics, []).append(item)
+            by_topics.setdefault((item.topics, item.private), []).append(item)
         if len(by_topics) == 1:     # the usual case: everyone gets the whole batch
-            (topics, events), = by_topics.items()
-            return [(self._subscribers_of_locked(topics), events)]
+            ((topics, private), events), = by_topics.items()
+            return [(self._subscribers_of_locked(topics, private), events)]
         events_of: dict[Subscriber, list[_Event]] = {}
         for item in batch:
-            for subscriber in self._subscribers_of_locked(item.topics):
+            for subscriber in self._subscribers_of_locked(item.topics, item.private):
                 events_of.setdefault(subscriber, []).append(item)
         return [([subscriber], events) for subscriber, events in events_of.items()]
 
-    def _subscribers_of_locked(self, topics: tuple[str, ...]) -> list[Subscriber]:
-        if len(topics) == 1:
-            return list(self._subscribers_by_topic.get(topics[0], ()))
-        subscribers: set[Subscriber] = set()
-        for topic in topics:
-            subscribers.update(self._subscribers_by_topic.get(topic, ()))
-        return list(subscribers)
+    def _subscribers_of_locked(self, topics: tuple[str, ...],
+                               private: bool = False) -> list[Subscriber]:
+        """Who gets an event of `topics`: exact topics are one dictionary
+        lookup each; the selectors matching a topic are worked out once per
+        topic (see _patterns_matching_locked), whoever many use them."""
+        by_topic = self._subscribers_by_topic
+        if len(topics) == 1 and not self._patterns:
+            subscribers = list(by_topic.get(topics[0], ()))
+        else:
+            found: set[Subscriber] = set()
+            for topic in topics:
+                found.update(by_topic.get(topic, ()))
+                if self._patterns:
+                    for pattern in self._patterns_matching_locked(topic):
+                        found.update(self._subscribers_by_pattern.get(pattern, ()))
+            subscribers = list(found)
+        if private:
+            subscribers = [s for s in subscribers if s.may_see(topics, True)]
+        return subscribers
+
+    def _patterns_matching_locked(self, topic: str) -> tuple[str, ...]:
+        patterns = self._patterns_of_topic.get(topic)
+        if patterns is None:
+            patterns = tuple(text for text, selector in self._patterns.items()
+                             if selector.matches(topic))
+            if len(self._patterns_of_topic) >= PATTERN_CACHE_TOPICS:
+                self._patterns_of_topic.clear()
+            self._patterns_of_topic[topic] = patterns
+        return patterns
 
     def _write_shares(self, shares) -> list[Subscriber]:
         """Write (or queue) each subscriber's share. Returns those dropped.
@@ -1912,11 +2234,14 @@ class Broker:
     # Subscribing
 
     def subscribe(self, topics: Iterable[str], *, last_event_id: Optional[str] = None,
-                  io: Optional[SocketIO] = None,
-                  chunked: bool = True) -> tuple[Subscriber, list[bytes]]:
+                  io: Optional[SocketIO] = None, chunked: bool = True,
+                  patterns: Iterable[str] = (),
+                  authorized: Optional[SelectorSet] = None) -> tuple[Subscriber, list[bytes]]:
         """Register a subscriber. Returns it and the frames to replay first.
         With `io` (its connection) publishers write to it directly while it
         is idle; without, everything waits in its queue (see StreamSink).
+        `patterns` are selectors ("*", URI templates) beside the exact
+        `topics`; `authorized` lets private events through (see Subscriber).
 
         With `last_event_id`, the replay holds every retained event of these
         topics after that id, oldest first; if events may have been missed
@@ -1924,14 +2249,15 @@ class Broker:
         with a `reset` event that says why. The history is read outside the
         lock (it may be a file or Redis): events handed out after the
         registration reach the subscriber live, so the replay stops before them."""
-        subscriber = Subscriber(topics, io, chunked=chunked)
+        subscriber = Subscriber(topics, io, chunked=chunked, authorized=authorized,
+                                patterns=tuple(compile_selector(p) for p in patterns))
         with self._lock:
             self._register_locked(subscriber)
             upto = self._last_id
         if not last_event_id:
             return subscriber, []
         try:
-            return subscriber, self.history.replay(subscriber.topics, last_event_id, upto)
+            return subscriber, self.history.replay(subscriber, last_event_id, upto)
         except ServiceUnavailable:
             self.unsubscribe(subscriber)
             raise
@@ -1944,6 +2270,11 @@ class Broker:
                 f"too many subscribers (limit {self.max_subscribers}); try again later")
         for topic in subscriber.topics:
             self._subscribers_by_topic.setdefault(topic, set()).add(subscriber)
+        for pattern in subscriber.patterns:
+            if pattern.text not in self._patterns:  # the cached matches lack it
+                self._patterns[pattern.text] = pattern
+                self._patterns_of_topic.clear()
+            self._subscribers_by_pattern.setdefault(pattern.text, set()).add(subscriber)
         self._subscriber_count += 1
         self.subscriptions_total += 1
 
@@ -1958,16 +2289,27 @@ class Broker:
             self._remove_locked(subscriber)
 
     def _remove_locked(self, subscriber: Subscriber) -> None:
+        removed = self._discard_locked(self._subscribers_by_topic, subscriber.topics, subscriber)
+        for pattern in subscriber.patterns:
+            if self._discard_locked(self._subscribers_by_pattern, [pattern.text], subscriber):
+                removed = True
+                if pattern.text not in self._subscribers_by_pattern:
+                    del self._patterns[pattern.text]    # nobody uses it now
+        if removed:
+            self._subscriber_count -= 1
+
+    @staticmethod
+    def _discard_locked(index: dict, keys: Iterable[str], subscriber: Subscriber) -> bool:
+        """Take `subscriber` out of index[key] for each key; was it there?"""
         removed = False
-        for topic in subscriber.topics:
-            subscribers = self._subscribers_by_topic.get(topic)
+        for key in keys:
+            subscribers = index.get(key)
             if subscribers and subscriber in subscribers:
                 removed = True
                 subscribers.discard(subscriber)
                 if not subscribers:
-                    del self._subscribers_by_topic[topic]
-        if removed:
-            self._subscriber_count -= 1
+                    del index[key]
+        return removed
 
     def close(self) -> list[Subscriber]:
         """Refuse new subscribers, tell every stream to end, and close the
@@ -1975,9 +2317,10 @@ class Broker:
         with self._lock:
             self._closed = True
             subscribers = set()
-            for topic_subscribers in self._subscribers_by_topic.values():
-                subscribers.update(topic_subscribers)
-            self._subscribers_by_topic.clear()
+            for index in (self._subscribers_by_topic, self._subscribers_by_pattern):
+                for some in index.values():
+                    subscribers.update(some)
+                index.clear()
             self._subscriber_count = 0
         for subscriber in subscribers:
             subscriber.end(SHUTDOWN)
@@ -2008,6 +2351,7 @@ class Broker:
             stats = {
                 "subscribers": self._subscriber_count,
                 "topics": len(self._subscribers_by_topic),
+                "selectors": len(self._subscribers_by_pattern),
                 "events_published": self.events_published,
                 "events_delivered": self.events_delivered,
                 "clients_dropped": sum(self.clients_dropped.values()),
@@ -2051,8 +2395,18 @@ def _replay_bounds(last_event_id: str, upto: Optional[str],
     return after, limit, None
 
 
+EARLIEST = "earliest"   # a Last-Event-ID asking for all that is kept (Mercure's reserved value)
+
+
 def _with_reset(reason: Optional[str], last_event_id: str, frames: list[bytes]) -> list[bytes]:
-    return [format_reset_event(reason, last_event_id), *frames] if reason else frames
+    if not reason or last_event_id == EARLIEST:     # what it asked for: nothing is missing
+        return frames
+    return [format_reset_event(reason, last_event_id), *frames]
+
+
+def starts_with_reset(frames: list[bytes]) -> bool:
+    """Does this replay begin by saying events may be missing?"""
+    return bool(frames) and frames[0].startswith(b"event: reset\n")
 
 
 class History:
@@ -2070,11 +2424,15 @@ class History:
       order, outside the broker's lock, before any subscriber sees them.
       When it returns they are kept (by the store: synced to disk). If they
       cannot be, it raises ServiceUnavailable, and nobody sees them.
-    - replay(topics, last_event_id, upto) is called by subscribe(), outside
-      the broker's lock: the frames of kept events of `topics` after
-      last_event_id up to `upto` (the newest event handed out when the
-      subscriber was registered; None: none since start), oldest first,
-      after a `reset` event if some may be missing.
+    - replay(selection, last_event_id, upto) is called by subscribe(),
+      outside the broker's lock: the frames of kept events that
+      `selection` (the Subscriber) wants, after last_event_id up to `upto`
+      (the newest event handed out when the subscriber was registered;
+      None: none since start), oldest first, after a `reset` event if some
+      may be missing. selection.wants(topics, private) says which; its
+      `topics` are the exact ones, and it has `patterns` (selectors that
+      may match any topic) only on the Mercure route. A private event must
+      never be replayed to a selection that does not want it.
     - A shared history (`shared`) numbers events itself: publish() calls
       add() instead of queueing, and the history gives every event back,
       whichever instance published it, through hand_out() in its order.
@@ -2091,11 +2449,11 @@ class History:
     def append(self, batch: list[_Event]) -> None:
         raise NotImplementedError
 
-    def add(self, topics: Topics, text: str, event: Optional[str],
-            retry: Optional[int]) -> str:
+    def add(self, topics: Topics, text: str, event: Optional[str], retry: Optional[int], *,
+            private: bool = False, iri_id: bool = False) -> str:
         raise NotImplementedError
 
-    def replay(self, topics: tuple[str, ...], last_event_id: str,
+    def replay(self, selection: Subscriber, last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
         raise NotImplementedError
 
@@ -2250,21 +2608,30 @@ class MemoryHistory(History):
         while cutoff is not None and history.kept_at and history.kept_at[0] < cutoff:
             self._evict_oldest(history)
 
-    def replay(self, topics: tuple[str, ...], last_event_id: str,
+    def replay(self, selection: Subscriber, last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
         after, limit, reason = _replay_bounds(last_event_id, upto, self.run_id)
-        complete, frames = self.events_between(topics, after, limit)
+        complete, frames = self.events_between(selection, after, limit)
         return _with_reset(reason or (None if complete else "history-exceeded"),
                            last_event_id, frames)
 
-    def events_between(self, topics: tuple[str, ...], after: int,
+    def topics_selected(self, selection: Subscriber) -> list[str]:
+        """The topics with history that `selection` picks (its patterns
+        are tried on each topic kept). Called with _lock held."""
+        if not selection.patterns:
+            return list(selection.topics)
+        return [*selection.topics, *(name for name in self._topics if name not in
+                                     selection.topics and selection.selects(name))]
+
+    def events_between(self, selection: Subscriber, after: int,
                        upto: int) -> tuple[bool, list[bytes]]:
-        """The frames of the kept events of `topics` with after < seq <= upto,
-        oldest first, and whether that is all of them (none was evicted)."""
+        """The frames of the kept events `selection` wants with after < seq
+        <= upto, oldest first, and whether that is all of them (none was
+        evicted; with patterns, no topic was forgotten since)."""
         events: dict[int, bytes] = {}
-        complete = True
+        complete = not selection.patterns or self.retention.newest_forgotten() <= after
         with self._lock:
-            for topic in topics:
+            for topic in self.topics_selected(selection):
                 history = self._topics.get(topic)
                 if history is None:
                     complete = complete and self.retention.forgotten_through(topic) <= after
@@ -2274,7 +2641,8 @@ class MemoryHistory(History):
                 for event in reversed(history.events):
                     if event.seq <= after:
                         break
-                    if event.seq <= upto:
+                    if event.seq <= upto and (not event.private or
+                                              selection.may_see(event.topics, True)):
                         events[event.seq] = event.frame
         return complete, [events[seq] for seq in sorted(events)]
 
@@ -2286,7 +2654,8 @@ class MemoryHistory(History):
 
 # --- Store: the history in an SQLite file (--store), kept across restarts ----------------
 
-STORE_FORMAT = "2"              # the layout of the file, kept in it (1: no forgotten table)
+STORE_FORMAT = "3"              # the layout of the file, kept in it (1: no forgotten table;
+                                # 2: no events.private_topics)
 STORE_SCHEMA = (
     # format, run_id, forgotten_buckets (how many, see Retention), and
     # forgotten_through: seqs up to it count as forgotten for every topic
@@ -2299,8 +2668,11 @@ STORE_SCHEMA = (
     "evicted_through INTEGER NOT NULL, last_seq INTEGER NOT NULL) WITHOUT ROWID",
     # One row per event and topic (an event on two topics has two): its bytes
     # on the wire, id included, and when it was kept (Unix time, for the TTL).
+    # private_topics: NULL, or for a private event all its topics (JSON), which
+    # a replay needs to tell who may see it.
     "CREATE TABLE IF NOT EXISTS events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
-    "created REAL NOT NULL, frame BLOB NOT NULL, PRIMARY KEY (topic, seq)) WITHOUT ROWID",
+    "created REAL NOT NULL, frame BLOB NOT NULL, private_topics TEXT, "
+    "PRIMARY KEY (topic, seq)) WITHOUT ROWID",
     # The marks of topics --max-topics dropped, by hash bucket (see Retention).
     "CREATE TABLE IF NOT EXISTS forgotten (bucket INTEGER PRIMARY KEY, "
     "through INTEGER NOT NULL)",
@@ -2439,7 +2811,11 @@ class SQLiteHistory(History):
                 meta = {"format": STORE_FORMAT, "run_id": secrets.token_hex(4),
                         "forgotten_through": "0"}
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
-            if meta.get("format") == "1":   # its one mark becomes the floor of every topic
+            if meta.get("format") in ("1", "2"):    # older files: add what is missing
+                # (format 1's one mark becomes the floor of every topic)
+                columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
+                if "private_topics" not in columns:
+                    db.execute("ALTER TABLE events ADD COLUMN private_topics TEXT")
                 meta["format"] = STORE_FORMAT
                 db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (STORE_FORMAT,))
             if "forgotten_buckets" not in meta:
@@ -2475,7 +2851,9 @@ class SQLiteHistory(History):
 
     def append(self, batch: list[_Event]) -> None:
         now = self._clock()
-        rows = [(topic, item.seq, now, item.frame) for item in batch for topic in item.topics]
+        rows = [(topic, item.seq, now, item.frame,
+                 json.dumps(item.topics) if item.private else None)
+                for item in batch for topic in item.topics]
         added: dict[str, list[int]] = {}     # topic: [its newest seq in the batch, rows]
         for item in batch:
             for topic in item.topics:
@@ -2509,7 +2887,7 @@ class SQLiteHistory(History):
         self._recover_if_stale()
         db.execute("BEGIN IMMEDIATE")
         self._stale = True
-        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
         for topic, (newest, count) in added.items():
             kept = self._topics.pop(topic, None)
             if kept is None:
@@ -2567,32 +2945,38 @@ class SQLiteHistory(History):
         except sqlite3.Error:   # the next _write tries again
             pass
 
-    def replay(self, topics: tuple[str, ...], last_event_id: str,
+    def replay(self, selection: Subscriber, last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
         after, limit, reason = _replay_bounds(last_event_id, upto, self.run_id)
         # The cache keeps no more than the file, so where it is complete the
         # file has nothing more; only a client further behind costs a read.
-        complete, frames = self._cache.events_between(topics, after, limit)
+        complete, frames = self._cache.events_between(selection, after, limit)
         if not complete:
-            complete, frames = self._read(topics, after, limit)
+            complete, frames = self._read(selection, after, limit)
         return _with_reset(reason or (None if complete else "history-exceeded"),
                            last_event_id, frames)
 
-    def _read(self, topics: tuple[str, ...], after: int, upto: int) -> tuple[bool, list[bytes]]:
+    def _read(self, selection: Subscriber, after: int, upto: int) -> tuple[bool, list[bytes]]:
         """As MemoryHistory.events_between, from the file."""
-        marks = ",".join("?" * len(topics))
-        where = f"topic IN ({marks}) AND seq > ? AND seq <= ?"
-        params = [*topics, after, upto]
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("server is shutting down")
+            topics = list(selection.topics)
+            gone = self.retention.newest_forgotten() if selection.patterns else 0
+            topics += [name for name in self._topics if name not in selection.topics
+                       and selection.patterns and selection.selects(name)]
+            if not topics:
+                return gone <= after, []
+            marks = ",".join("?" * len(topics))
+            where = f"topic IN ({marks}) AND seq > ? AND seq <= ?"
+            params = [*topics, after, upto]
             try:
                 db = self._db
                 self._recover_if_stale()
                 evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
                                           f"WHERE topic IN ({marks})", topics))
-                gone = max(evicted.get(topic, self.retention.forgotten_through(topic))
-                           for topic in topics)
+                gone = max(gone, *(evicted.get(topic, self.retention.forgotten_through(topic))
+                                   for topic in topics))
                 cutoff = self.retention.cutoff(self._clock())
                 if cutoff is not None:
                     expired = db.execute(f"SELECT MAX(seq) FROM events WHERE {where} "
@@ -2600,13 +2984,15 @@ class SQLiteHistory(History):
                     gone = max(gone, expired or 0)
                     where += " AND created >= ?"
                     params.append(cutoff)
-                rows = db.execute(f"SELECT seq, frame FROM events WHERE {where} ORDER BY seq",
-                                  params).fetchall()
+                rows = db.execute(f"SELECT seq, frame, private_topics FROM events "
+                                  f"WHERE {where} ORDER BY seq", params).fetchall()
             except sqlite3.Error as error:
                 logger.warning("event store %s: replay failed: %s", self.path, error)
                 raise ServiceUnavailable(f"the event store cannot be read: {error}",
                                          retry_after_s=STORE_RETRY_AFTER_S) from None
-        frames = dict(rows)     # an event on two of these topics is there twice
+        frames = {seq: frame for seq, frame, private_topics in rows     # an event on two
+                  if private_topics is None or selection.may_see(       # topics is there twice
+                      tuple(json.loads(private_topics)), True)}
         return gone <= after, list(frames.values())
 
     def stats(self) -> dict:
@@ -2669,6 +3055,8 @@ def format_metrics(stats: dict) -> bytes:
         metric(name, kind, help_text, [("", (), value)])
 
     single("sse_subscribers", "gauge", "Open event streams.", stats["subscribers"])
+    single("sse_mercure_subscribers", "gauge", "Open event streams on /.well-known/mercure.",
+           stats.get("mercure_subscribers", 0))
     single("sse_connections", "gauge", "Open connections (streams, publishers, others).",
            stats["connections"])
     single("sse_topics", "gauge", "Topics with at least one subscriber.", stats["topics"])
@@ -2784,20 +3172,38 @@ class RedisHistory(History):
         self._hand_out = hand_out
         self._reader.start()
 
-    def add(self, topics: Topics, text: str, event: Optional[str],
-            retry: Optional[int]) -> str:
+    def add(self, topics: Topics, text: str, event: Optional[str], retry: Optional[int], *,
+            private: bool = False, iri_id: bool = False) -> str:
         """Append to the stream; every instance delivers it. Returns its id."""
-        fields = {"topics": ",".join(topics), "data": text}
+        # Topics joined by commas, as /events names have none; a list in
+        # JSON where a Mercure topic (an IRI) could.
+        joined = ",".join(topics)
+        if "," in joined or joined.startswith("["):
+            joined = json.dumps(topics)
+        fields = {"topics": joined, "data": text}
         if event:
             fields["event"] = event
         if retry is not None:
             fields["retry"] = str(retry)
+        if private:
+            fields["private"] = "1"
+        if iri_id:
+            fields["iri"] = "1"
         try:
-            return self._client.xadd(self.key, fields, maxlen=self.stream_len, approximate=True)
+            entry_id = self._client.xadd(self.key, fields, maxlen=self.stream_len,
+                                         approximate=True)
         except self._redis_errors as error:
             raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
+        return MERCURE_ID_PREFIX + entry_id if iri_id else entry_id
 
-    def replay(self, topics: tuple[str, ...], last_event_id: str,
+    @staticmethod
+    def _topics_of(fields: dict) -> tuple[str, ...]:
+        joined = fields.get("topics", "")
+        if joined.startswith("["):
+            return tuple(json.loads(joined))
+        return tuple(topic for topic in joined.split(",") if topic)
+
+    def replay(self, selection: Subscriber, last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
         if upto is None:        # nothing handed out yet: up to where the reader began
             with self._lock:
@@ -2806,11 +3212,11 @@ class RedisHistory(History):
                 raise ServiceUnavailable("not connected to redis yet; cannot replay",
                                          retry_after_s=2)
         try:
-            return self._replay(topics, last_event_id, upto)
+            return self._replay(selection, native_id(last_event_id), native_id(upto))
         except self._redis_errors as error:
             raise ServiceUnavailable(f"redis is unavailable: {error}", retry_after_s=2) from None
 
-    def _replay(self, topics: tuple[str, ...], last_event_id: str, upto: str) -> list[bytes]:
+    def _replay(self, selection: Subscriber, last_event_id: str, upto: str) -> list[bytes]:
         reason = None
         start = "(" + last_event_id     # exclusive
         if not _STREAM_ID.fullmatch(last_event_id) or (
@@ -2818,16 +3224,16 @@ class RedisHistory(History):
             reason, start = "unknown-id", "-"
         elif self._gap_after(self._client, last_event_id):
             reason = "history-exceeded"
-        wanted = set(topics)
         frames = [self._frame(entry_id, fields)
                   for entry_id, fields in self._client.xrange(self.key, min=start, max=upto)
-                  if wanted.intersection(fields.get("topics", "").split(","))]
+                  if selection.wants(self._topics_of(fields), "private" in fields)]
         return _with_reset(reason, last_event_id, frames)
 
     @staticmethod
     def _frame(entry_id: str, fields: dict) -> bytes:
         retry = fields.get("retry")
-        return format_event(fields.get("data", ""), event=fields.get("event"), id=entry_id,
+        event_id = MERCURE_ID_PREFIX + entry_id if "iri" in fields else entry_id
+        return format_event(fields.get("data", ""), event=fields.get("event"), id=event_id,
                             retry=int(retry) if retry and retry.isdigit() else None)
 
     def _follow(self) -> None:
@@ -2854,8 +3260,9 @@ class RedisHistory(History):
                     if (len(entries) >= self.stream_len and
                             self._gap_after(self._reader_client, self._read_from)):
                         self._announce_gap()
-                    self._hand_out([(entry_id, self._frame(entry_id, fields),
-                                     tuple(t for t in fields.get("topics", "").split(",") if t))
+                    self._hand_out([(MERCURE_ID_PREFIX + entry_id if "iri" in fields
+                                     else entry_id, self._frame(entry_id, fields),
+                                     self._topics_of(fields), "private" in fields)
                                     for entry_id, fields in entries])
                     self._read_from = entries[-1][0]
             except self._redis_errors as error:
@@ -2887,7 +3294,8 @@ class RedisHistory(History):
         """Tell every local subscriber it missed events (as a replay would)."""
         logger.warning("redis reader fell behind: entries after %s were trimmed unread",
                        self._read_from)
-        self._hand_out([(None, format_reset_event("history-exceeded", self._read_from), None)])
+        self._hand_out([(None, format_reset_event("history-exceeded", self._read_from), None,
+                         False)])
 
     def health(self) -> tuple[bool, str]:
         with self._lock:
@@ -2946,7 +3354,7 @@ class _ClientGone(Exception):
 
 _REQUEST_TARGET = re.compile(r"[\x21-\x7e]+")
 _COMMON_WORDS = {word: word for word in ("GET", "HEAD", "POST", "OPTIONS", "HTTP/1.1", "HTTP/1.0")}
-_TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])access_token=)[^&\s\"]*")
+_TOKEN_IN_QUERY = re.compile(r"((?:^|[?&])(?:access_token|authorization)=)[^&\s\"]*")
 
 
 def redact_tokens(text: str) -> str:
@@ -2990,7 +3398,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     rbufsize = 8192                    # request read buffer
     # The routes, (method, path) -> handler, are at the end of the class body.
     methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
-    cors_paths = ("/events", "/publish")
+    cors_paths = ("/events", "/publish", MERCURE_PATH)
 
     def __init__(self, request, client_address, server,
                  startup_turn: Optional[StartupTurn] = None):
@@ -3127,7 +3535,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                           headers=error.headers)
         except _ClientGone:
             self.close_connection = True
-        if url is not None and url.path == "/publish":
+        if url is not None and (url.path == "/publish" or (
+                url.path == MERCURE_PATH and self.command == "POST")):
             self.server.count_publish_request(self._status)
 
     def _content_length(self) -> int:
@@ -3239,18 +3648,21 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
         return credentials.strip() if scheme.lower() == "bearer" else None
 
+    def _cookie(self, name: str) -> Optional[str]:
+        if "Cookie" not in self.headers:
+            return None
+        cookies = http.cookies.SimpleCookie()
+        try:
+            cookies.load(self.headers["Cookie"])
+        except http.cookies.CookieError:
+            return None
+        morsel = cookies.get(name)
+        return morsel.value if morsel else None
+
     def _token(self, query: dict[str, list[str]]) -> Optional[str]:
         """A JWT from the Authorization header, the cookie, or ?access_token=."""
-        token = self._bearer()
-        if token is None and "Cookie" in self.headers:
-            cookies = http.cookies.SimpleCookie()
-            try:
-                cookies.load(self.headers["Cookie"])
-            except http.cookies.CookieError:
-                pass
-            morsel = cookies.get(self.server.settings.jwt_cookie)
-            token = morsel.value if morsel else None
-        return token or _single(query, "access_token")
+        return (self._bearer() or self._cookie(self.server.settings.jwt_cookie) or
+                _single(query, "access_token"))
 
     # Small endpoints
 
@@ -3288,16 +3700,18 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     # Publish
 
-    def _handle_publish(self, url) -> None:
-        client_host = self.client_host
+    def _check_publish_rate(self) -> None:
         if self.server.publish_limiter is not None:
-            wait_s = self.server.publish_limiter.acquire(client_host)
+            wait_s = self.server.publish_limiter.acquire(self.client_host)
             if wait_s:
-                raise TooManyRequests(f"publishing too fast from {client_host}; slow down",
+                raise TooManyRequests(f"publishing too fast from {self.client_host}; slow down",
                                       retry_after_s=max(1, math.ceil(wait_s)))
+
+    def _handle_publish(self, url) -> None:
+        self._check_publish_rate()
         query = parse_query(url.query)
         access = self.server.access
-        allowed = access.check_publisher(client_host, self._bearer(), self._token(query))
+        allowed = access.check_publisher(self.client_host, self._bearer(), self._token(query))
         request = parse_publish(query, self.headers.get("Content-Type"), self._read_body())
         access.check_publish_topics(allowed, request.topics)
         result = self.server.broker.publish(request.topics, request.data,
@@ -3308,26 +3722,36 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # Subscribe: the stream
 
     def _handle_events(self, url) -> None:
-        """GET /events: check, subscribe, stream until the stream ends. It
-        runs for as long as the connection lasts, so what this frame holds
-        is held per subscriber: the request's leftovers are let go early."""
+        """GET /events: check, then stream (see _stream)."""
         topics, last_event_id = self._check_events_request(url.query)
+        self._stream(topics, last_event_id)
+
+    def _stream(self, topics: Topics, last_event_id: Optional[str], *,
+                mercure: bool = False, **options) -> None:
+        """Subscribe, stream until the stream ends. It runs for as long as
+        the connection lasts, so what this frame holds is held per
+        subscriber: the request's leftovers are let go early. `options`
+        go to Broker.subscribe (patterns, authorized)."""
         self.close_connection = True    # the stream ends only by closing
         host = self.client_host
         self.server.take_stream_quota(host)
         try:
             subscriber, replay = self.server.broker.subscribe(
                 topics, last_event_id=last_event_id, io=self._io,
-                chunked=self.request_version != "HTTP/1.0")
+                chunked=self.request_version != "HTTP/1.0", **options)
         except BaseException:
             self.server.return_stream_quota(host)
             raise
-        del topics, last_event_id
-        self.server.stream_started(self.connection, subscriber)
+        headers = []
+        if mercure and last_event_id:   # where the replay starts from (the draft's rule)
+            headers.append(("Last-Event-ID", EARLIEST if last_event_id == EARLIEST or
+                            starts_with_reset(replay) else last_event_id))
+        del topics, last_event_id, options
+        self.server.stream_started(self.connection, subscriber, mercure)
         sent_before, reason = self._io.sent, "client_gone"
         try:
-            self._start_stream(subscriber, replay)
-            del replay
+            self._start_stream(subscriber, replay, headers)
+            del replay, headers
             self._io.before_wait()      # set up: let the next connection in
             end = subscriber.pump(self.server.settings.heartbeat_s, self._stream_deadline)
             reason = end.reason
@@ -3344,7 +3768,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             why = subscriber.close()    # nobody touches the socket from here on: it will close
             self.server.broker.unsubscribe(subscriber)
-            self.server.stream_ended(self.connection)
+            self.server.stream_ended(self.connection, mercure)
             self.server.return_stream_quota(host)
         if why is not None and reason == "client_gone":     # the write failed: it was cut
             reason = why.reason
@@ -3365,7 +3789,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                                  time.monotonic() + max(0.0, expires - time.time()))
         return topics, last_event_id
 
-    def _start_stream(self, sink: StreamSink, replay: list[bytes]) -> None:
+    def _start_stream(self, sink: StreamSink, replay: list[bytes],
+                      headers: Sequence[tuple[str, str]] = ()) -> None:
         """Response head and first bytes at once (so EventSource fires `open`
         and proxies see a start), then the replay."""
         if access_logger.isEnabledFor(logging.DEBUG):   # its line comes when it ends
@@ -3373,7 +3798,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                                 redact_tokens(self.requestline))
         head = self._head(HTTPStatus.OK, [
             ("Content-Type", EVENT_STREAM_CONTENT_TYPE), ("Cache-Control", "no-cache"),
-            ("X-Accel-Buffering", "no"),
+            ("X-Accel-Buffering", "no"), *headers,
             *([("Transfer-Encoding", "chunked")] if sink.chunked else [])])
         sink.write(CONNECTED_COMMENT + format_retry(self.server.settings.retry_ms), head=head)
         sink.write_replay(replay)
@@ -3385,12 +3810,89 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         if not access_logger.isEnabledFor(logging.INFO):
             self.requestline = None     # no line will be logged: let it go too
 
+    # Mercure (draft-dunglas-mercure-07): the same broker through the hub's
+    # routes. Its tokens carry a `mercure` claim, found in the Authorization
+    # header, else the `authorization` query parameter, else the cookie.
+
+    def _mercure_token(self, query: dict[str, list[str]]) -> Optional[str]:
+        token = self._bearer()
+        if token is None:
+            token = _single(query, "authorization")
+        return token if token is not None else self._cookie(MERCURE_COOKIE)
+
+    def _handle_mercure_subscribe(self, url) -> None:
+        """GET /.well-known/mercure?topic=SELECTOR (repeatable): a stream of
+        the updates whose topics (canonical or alternate) a selector matches;
+        private ones only if the token's mercure.subscribe allows them."""
+        query = parse_query(url.query)
+        selectors = validate_iris(query.get("topic", []), "topic")
+        for selector in selectors:
+            try:
+                compile_selector(selector)
+            except ValueError as error:
+                raise BadRequest(f"invalid URI template {selector[:80]!r}: {error}") from None
+        # The header wins over the query parameter (the draft's rule).
+        last_event_id = self.headers.get("Last-Event-ID") or _single(query, "lastEventID")
+        if self._body_pending:
+            raise BadRequest("GET /.well-known/mercure takes no body")
+        access = self.server.access
+        claims = access.claims(self._mercure_token(query))     # a bad token: 401
+        if claims is None and access.require_auth:
+            raise Unauthorized("subscribing needs a token (--require-auth)",
+                               error="invalid_token")
+        scope = mercure_claims(claims)
+        expires = claims.get("exp") if claims else None
+        self._stream_deadline = (None if expires is None else
+                                 time.monotonic() + max(0.0, expires - time.time()))
+        self._stream(Topics(s for s in selectors if not is_pattern(s)), last_event_id,
+                     mercure=True, patterns=[s for s in selectors if is_pattern(s)],
+                     authorized=access.selector_set(scope.subscribe)
+                     if scope and scope.subscribe else None)
+
+    def _handle_mercure_publish(self, url) -> None:
+        """POST /.well-known/mercure, a form: topic (repeatable: the first is
+        canonical, the others alternates), data, private, type, retry, id.
+        Answers the update's id as text/plain."""
+        self._check_publish_rate()
+        query = parse_query(url.query)
+        access = self.server.access
+        allowed = access.check_publisher(self.client_host, self._bearer(),
+                                         self._mercure_token(query), mercure=True)
+        media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
+        if media_type != FORM_CONTENT_TYPE:
+            raise HTTPError(f"publish with Content-Type: {FORM_CONTENT_TYPE}",
+                            status=HTTPStatus.UNSUPPORTED_MEDIA_TYPE)
+        try:
+            fields = parse_query(self._read_body().decode("utf-8"))
+        except UnicodeDecodeError:
+            raise BadRequest("body is not valid UTF-8") from None
+        topics = validate_iris(fields.get("topic", []), "topic")
+        for topic in topics:
+            if is_reserved_topic(topic):
+                raise Forbidden(f"topic {topic[:80]!r} is under {MERCURE_PATH}/, "
+                                "which is the hub's own")
+        if allowed is not None:
+            selectors = [compile_selector(text) for text in allowed]
+            for topic in topics:
+                if not any(selector.matches(topic) for selector in selectors):
+                    raise Forbidden(f"the token does not allow publishing to {topic[:80]!r}")
+        retry = _single(fields, "retry")
+        if retry is not None and not re.fullmatch(r"[0-9]{1,9}", retry):
+            raise BadRequest("retry must be a whole number of milliseconds")
+        result = self.server.broker.publish(
+            topics, _single(fields, "data") or "", event=_single(fields, "type") or None,
+            retry=None if retry is None else int(retry), private="private" in fields,
+            iri_id=True)
+        self._respond(HTTPStatus.OK, result.id.encode("utf-8"))
+
     # The routes: (method, path) -> handler(self, url). A family of routes is
     # a block of lines here plus its methods; a subclass extends the table
     # with {**SSERequestHandler.routes, ...}. Any other GET or HEAD is a file.
     routes = {
         ("GET", "/events"): _handle_events,
         ("POST", "/publish"): _handle_publish,
+        ("GET", MERCURE_PATH): _handle_mercure_subscribe,
+        ("POST", MERCURE_PATH): _handle_mercure_publish,
         ("GET", "/healthz"): _handle_healthz,
         ("HEAD", "/healthz"): _handle_healthz,
         ("GET", "/stats"): _handle_stats,
@@ -3687,6 +4189,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         # shutdown()'s wait re-checks it at every stream's end (O(n) each, O(n²)
         # with 10,000 streams); and streams per client address.
         self._open_streams = 0
+        self._mercure_streams = 0       # of them, on /.well-known/mercure
         self._streams_per_ip: collections.Counter[str] = collections.Counter()
         self._publish_requests: collections.Counter[int] = collections.Counter()  # by status
         self._serving = False
@@ -3736,6 +4239,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         stats = self.broker.stats()
         with self._connections_lock:
             stats["connections"] = len(self._connections)
+            stats["mercure_subscribers"] = self._mercure_streams
             stats["publish_requests"] = {str(code): count for code, count
                                          in sorted(self._publish_requests.items())}
         return stats
@@ -3747,21 +4251,24 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         finally:
             self._serving = False
 
-    def stream_started(self, connection: socket.socket, sink: StreamSink) -> None:
+    def stream_started(self, connection: socket.socket, sink: StreamSink,
+                       mercure: bool = False) -> None:
         with self._connections_lock:
             self._connections[connection] = sink
             self._open_streams += 1
+            self._mercure_streams += mercure
         try:
             self._hangups.watch(connection)
         except OSError as error:    # e.g. epoll's watch limit: heartbeats do it
             logger.warning("cannot watch %s for hang-ups: %r", connection, error)
 
-    def stream_ended(self, connection: socket.socket) -> None:
+    def stream_ended(self, connection: socket.socket, mercure: bool = False) -> None:
         """Call before the socket is closed: its number may then be reused."""
         self._hangups.forget(connection)
         with self._connections_lock:
             self._connections[connection] = None
             self._open_streams -= 1
+            self._mercure_streams -= mercure
             self._handler_done.notify_all()
 
     def _readable(self, connection: socket.socket) -> Optional[bool]:
