@@ -11,6 +11,8 @@ Endpoints
                                    send Last-Event-ID (or ?lastEventId=) to resume
     POST /publish?topic=a          publish: form fields (topic, data, event, retry)
                                    or a raw UTF-8 body become one event
+    GET  /.well-known/mercure      the Mercure protocol (draft-dunglas-mercure-07): subscribe
+    POST /.well-known/mercure      with topic selectors (URI templates), publish a form
     GET  /healthz                  "ok"
     GET  /stats                    JSON counters
     GET  /metrics                  the same for Prometheus (loopback, or --metrics-token)
@@ -59,6 +61,13 @@ Roadmap (each name is real: a test resolves them all)
           History.append                      kept (with --store: synced) first,
           Broker._shares_locked               who gets what,
           Broker._write_shares                StreamSink.deliver to each subscriber
+  The Mercure hub: the same chains, from other routes:
+    SSERequestHandler._handle_mercure_subscribe   compile_selector, mercure_claims,
+                                              then SSERequestHandler._stream
+    SSERequestHandler._handle_mercure_publish     validate_iris, is_reserved_topic,
+                                              then Broker.publish (private, iri_id)
+    Broker._subscribers_of_locked             exact topics, then selectors matching
+                                              (Broker._patterns_matching_locked, cached)
 Meant to be overridden: SSERequestHandler.routes with its handler methods (a
 route family), SSEServer.verify_request (refuse a peer before it costs a
 thread), handle_error and log_message. Meant to be implemented: History
@@ -286,10 +295,12 @@ class Settings:
                                     "topic (or prefix ending in *) that needs a JWT to "
                                     "subscribe; repeatable", metavar="PATTERN", group=_SECURITY)
     require_auth: bool = _option(False, "--require-auth",
-                                 "every topic needs a JWT to subscribe", group=_SECURITY)
+                                 "every topic needs a JWT to subscribe (on the Mercure hub: "
+                                 "no anonymous subscribers)", group=_SECURITY)
     cors_origins: tuple = _option((), "--cors-origin",
                                   "let browsers on this origin (or *, without credentials) "
-                                  "use /events and /publish; repeatable", metavar="ORIGIN",
+                                  "use /events, /publish and the Mercure hub; repeatable",
+                                  metavar="ORIGIN",
                                   group=_SECURITY)
     certfile: Optional[str] = _option(None, "--certfile", "serve HTTPS with this certificate",
                                       metavar="PEM", group=_SECURITY)
@@ -3814,11 +3825,28 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     # routes. Its tokens carry a `mercure` claim, found in the Authorization
     # header, else the `authorization` query parameter, else the cookie.
 
-    def _mercure_token(self, query: dict[str, list[str]]) -> Optional[str]:
+    def _mercure_token(self, query: dict[str, list[str]], *,
+                       publishing: bool = False) -> Optional[str]:
         token = self._bearer()
         if token is None:
             token = _single(query, "authorization")
-        return token if token is not None else self._cookie(MERCURE_COOKIE)
+        if token is not None:
+            return token
+        token = self._cookie(MERCURE_COOKIE)
+        if token is not None and publishing and not self._origin_may_publish():
+            # A browser sends the cookie with any form POST, whichever site
+            # made it: publishing by cookie is for pages of allowed origins.
+            raise Forbidden("publishing with the mercureAuthorization cookie needs an "
+                            "Origin that is this hub's own or one of --cors-origin")
+        return token
+
+    def _origin_may_publish(self) -> bool:
+        origin = self.headers.get("Origin")
+        if not origin:
+            return False
+        scheme = "https" if self.server.settings.certfile else "http"
+        return (origin in self.server.settings.cors_origins or
+                origin == f"{scheme}://{self.headers.get('Host', '')}")
 
     def _handle_mercure_subscribe(self, url) -> None:
         """GET /.well-known/mercure?topic=SELECTOR (repeatable): a stream of
@@ -3857,7 +3885,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         query = parse_query(url.query)
         access = self.server.access
         allowed = access.check_publisher(self.client_host, self._bearer(),
-                                         self._mercure_token(query), mercure=True)
+                                         self._mercure_token(query, publishing=True),
+                                         mercure=True)
         media_type = (self.headers.get("Content-Type") or "").split(";", 1)[0].strip().lower()
         if media_type != FORM_CONTENT_TYPE:
             raise HTTPError(f"publish with Content-Type: {FORM_CONTENT_TYPE}",

@@ -2090,8 +2090,9 @@ class DevTools:
                 return message["result"]
             self.events.append(message)
 
-    def evaluate(self, expression):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+    def evaluate(self, expression, **options):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           **options)
         if "exceptionDetails" in result:
             raise AssertionError(f"page script failed: {result['exceptionDetails']}")
         return result["result"].get("value")
@@ -2139,7 +2140,8 @@ class BrowserTests(unittest.TestCase):
         self.devtools.call("Runtime.enable")
 
     def start_server(self, port):
-        return run_server(self, port, retry_ms=1500, heartbeat_s=5)
+        # (the key is for the Mercure test's private updates; /events topics stay public)
+        return run_server(self, port, retry_ms=1500, heartbeat_s=5, jwt_secret=SECRET)
 
     def stop_browser(self):
         with contextlib.suppress(ProcessLookupError):
@@ -2218,6 +2220,50 @@ class BrowserTests(unittest.TestCase):
                       and "Content Security Policy" in e["params"]["entry"]["text"]]
         self.assertEqual(csp_errors, [])
         self.assertLess(time.monotonic() - started, 30)
+
+
+    def test_event_source_on_the_mercure_hub_with_a_template_and_the_cookie(self):
+        self.devtools.call("Page.navigate", url=f"http://127.0.0.1:{self.port}/")
+        wait_until(lambda: self.devtools.evaluate("document.readyState") == "complete",
+                   message="the page to load")
+        reader = token(mercure={"subscribe": ["https://example.com/users/{id}"]})
+        hub = f"http://127.0.0.1:{self.port}{MERCURE}?" + mercure_query(
+            "https://example.com/books/{id}")
+        # The first EventSource has no token; the second sends the cookie, as
+        # a browser does when the page's origin set it.
+        self.devtools.evaluate(f"""(() => {{
+            window.got = {{anonymous: [], withCookie: []}};
+            const open = (name) => {{
+                const source = new EventSource({json.dumps(hub)});
+                source.onmessage = (e) => window.got[name].push([e.lastEventId, e.data]);
+                return new Promise((resolve) => {{ source.onopen = resolve; }});
+            }};
+            window.ready = open("anonymous").then(() => {{
+                document.cookie = "mercureAuthorization={reader}; path=/";
+                return open("withCookie");
+            }}).then(() => "open");
+        }})()""")
+        self.assertEqual(self.devtools.evaluate("window.ready", awaitPromise=True), "open")
+        wait_until(lambda: self.server.stats()["mercure_subscribers"] == 2,
+                   message="two EventSources on the hub")
+        publisher = token(mercure={"publish": ["*"]})
+        ids = []
+        for fields in ([("topic", "https://example.com/books/1"),
+                        ("topic", "https://example.com/users/7"), ("data", "private news"),
+                        ("private", "on")],
+                       [("topic", "https://example.com/books/2"), ("data", "line 1\nline 2")],
+                       [("topic", "https://example.com/authors/1"), ("data", "not selected")],
+                       [("topic", "https://example.com/books/3"), ("data", "last")]):
+            status, _, body = mercure_post(self.port, fields, publisher)
+            self.assertEqual(status, 200, body)
+            ids.append(body.decode())
+        got = lambda: json.loads(self.devtools.evaluate("JSON.stringify(window.got)"))
+        wait_until(lambda: len(got()["withCookie"]) == 3 and len(got()["anonymous"]) == 2,
+                   message="the updates in the browser")
+        self.assertEqual(got(), {
+            "anonymous": [[ids[1], "line 1\nline 2"], [ids[3], "last"]],
+            "withCookie": [[ids[0], "private news"], [ids[1], "line 1\nline 2"],
+                           [ids[3], "last"]]})
 
 
 # --- Access control and hardening -------------------------------------------------------------
@@ -2833,6 +2879,41 @@ class RedisTests(unittest.TestCase):
         status, _, answer = http_request(server.server_address[1], "POST",
                                          f"/publish?{query}", body)
         return status, json.loads(answer) if status == 200 else answer
+
+    def test_mercure_updates_cross_instances_with_privacy_and_templates(self):
+        hub = run_server(self, redis_url=self.redis.url, jwt_secret=SECRET, heartbeat_s=0.2)
+        wait_until(lambda: hub.broker.health()[0], message="instance connected to redis")
+        hub_port = hub.server_address[1]
+        publisher = token(mercure={"publish": ["*"]})
+        reader = token(mercure={"subscribe": ["urn:book:{n}"]})
+        live = StreamClient(hub_port, mercure_query("urn:book:{n}", authorization=reader),
+                            path=MERCURE)
+        self.addCleanup(live.close)
+        wait_until(lambda: hub.broker.subscriber_count == 1)
+        ids = []
+        for fields in ([("topic", "urn:book:1"), ("data", "secret"), ("private", "on")],
+                       [("topic", "urn:x,y"), ("topic", "urn:book:2"), ("data", "public")],
+                       [("topic", "urn:author:1"), ("data", "other")]):
+            status, _, body = mercure_post(self.a.server_address[1], fields)  # (loopback)
+            self.assertEqual(status, 200, body)
+            ids.append(body.decode())
+        self.assertTrue(all(i.startswith("urn:sse:") for i in ids), ids)
+        self.assertEqual([(e.data, e.id) for e in live.take(2)],
+                         [("secret", ids[0]), ("public", ids[1])])
+        for query, expected in [
+                (mercure_query("urn:book:{n}", lastEventID="earliest"), ["public"]),
+                (mercure_query("urn:book:{n}", lastEventID=ids[0], authorization=reader),
+                 ["public"]),
+                (mercure_query("urn:book:{n}", lastEventID="earliest", authorization=reader),
+                 ["secret", "public"])]:
+            with self.subTest(query=query):
+                client = StreamClient(hub_port, query, path=MERCURE)
+                self.addCleanup(client.close)
+                self.assertEqual([e.data for e in client.take(len(expected))], expected)
+                status, _, _ = mercure_post(hub_port, [("topic", "urn:book:3"),
+                                                       ("data", "marker")], publisher)
+                self.assertEqual(status, 200)
+                self.assertEqual(client.next_event().data, "marker")
 
     def test_metrics_report_redis_health(self):
         status, _, body = http_request(self.a.server_address[1], "GET", "/metrics")
@@ -4182,6 +4263,438 @@ class UserHistoryTests(ServerTestCase):
         self.assertEqual((reset.type, json.loads(reset.data)["reason"]), ("reset", "unknown-id"))
         self.assertEqual((event.data, event.id), ("c0", ids[3]))
         assert_nothing_else(self, again, self.server.broker.publish, "c")
+
+
+# --- Mercure hub (draft-dunglas-mercure-07) ----------------------------------------------
+
+MERCURE = sse_server.MERCURE_PATH
+
+
+def mercure_query(*selectors, **more) -> str:
+    return urllib.parse.urlencode([*(("topic", s) for s in selectors), *more.items()])
+
+
+def mercure_post(port, fields, token_text=None, content_type=sse_server.FORM_CONTENT_TYPE,
+                 query=""):
+    """POST a Mercure update (fields: a list of pairs); (status, headers, body)."""
+    headers = {"Content-Type": content_type}
+    if token_text is not None:
+        headers["Authorization"] = f"Bearer {token_text}"
+    body = fields if isinstance(fields, (bytes, str)) else urllib.parse.urlencode(fields)
+    return http_request(port, "POST", MERCURE + query, body, headers)
+
+
+class URITemplateTests(unittest.TestCase):
+    """Selectors as RFC 6570 templates: is the topic an expansion?"""
+
+    def matches(self, template, topic):
+        return sse_server.URITemplate(template).matches(topic)
+
+    def test_simple_expression_is_one_segment(self):
+        template = "https://example.com/books/{id}"
+        self.assertTrue(self.matches(template, "https://example.com/books/1"))
+        self.assertTrue(self.matches(template, "https://example.com/books/"))   # empty value
+        self.assertTrue(self.matches(template, "https://example.com/books/a%2Fb"))
+        self.assertTrue(self.matches(template, "https://example.com/books/caf\u00e9"))
+        self.assertTrue(self.matches(template, "https://example.com/books/1,2"))  # a list
+        for other in ("https://example.com/books/1/reviews", "https://example.com/book/1",
+                      "https://example.com/books/a?b", "https://example.com/books/%zz"):
+            with self.subTest(other):
+                self.assertFalse(self.matches(template, other))
+
+    def test_operators(self):
+        cases = [
+            ("/files{+path}", "/files/a/b/c.txt", True),
+            ("/files{+path}", "/files/a b", False),            # a space is never in a URI
+            ("/page{#section}", "/page#intro", True),
+            ("/page{#section}", "/page", True),
+            ("/page{#section}", "/pageintro", False),
+            ("/doc{.format}", "/doc.json", True),
+            ("/doc{.format}", "/doc/json", False),
+            ("/map{/x,y}", "/map/1/2", True),
+            ("/map{/x,y}", "/map/1/2/3/4", True),              # explode is allowed too
+            ("/map{/x}", "/map1", False),
+            ("/m{;x,y}", "/m;x=1;y=2", True),
+            ("/search{?q,lang}", "/search?q=cat&lang=en", True),
+            ("/search{?q,lang}", "/search&q=cat", False),
+            ("/search?q=1{&page}", "/search?q=1&page=2", True),
+            ("{a}", "", True),
+            ("https://e.com/{a}/{b}", "https://e.com/x/y", True),
+            ("https://e.com/{a}/{b}", "https://e.com/x", False),
+            ("https://e.com/{a}-{b}", "https://e.com/x-y-z", True),    # any split will do
+        ]
+        for template, topic, expected in cases:
+            with self.subTest(template=template, topic=topic):
+                self.assertEqual(self.matches(template, topic), expected)
+
+    def test_invalid_templates_are_refused(self):
+        for bad in ("https://e.com/{id", "https://e.com/id}", "/{}", "/{a b}", "/{a,}",
+                    "/{!a}", "/{a:0}", "/{a:10000}"):
+            with self.subTest(bad), self.assertRaises(ValueError):
+                sse_server.URITemplate(bad)
+
+    def test_no_template_can_make_matching_blow_up(self):
+        # A backtracking matcher takes 2^40 steps here: each expression may
+        # end anywhere. The position-set walk takes (parts x length).
+        template = "{a}" * 40 + "!"
+        self.assertFalse(self.matches(template, "x" * 2000 + "?"))
+        self.assertTrue(self.matches(template, "x" * 2000 + "!"))
+
+    def test_selectors(self):
+        compile_selector = sse_server.compile_selector
+        self.assertTrue(compile_selector("*").matches("anything at all"))
+        self.assertTrue(compile_selector("urn:a").matches("urn:a"))
+        self.assertFalse(compile_selector("urn:a").matches("urn:ab"))
+        template = compile_selector("https://e.com/{id}")
+        self.assertTrue(template.matches("https://e.com/{id}"))  # a selector matches itself
+        self.assertTrue(template.matches("https://e.com/7"))
+        self.assertIs(compile_selector("https://e.com/{id}"), template)   # compiled once
+        self.assertEqual([sse_server.is_pattern(s) for s in ("*", "a/{b}", "urn:x")],
+                         [True, True, False])
+
+    def test_selector_sets_answer_private_questions_once_per_topic_list(self):
+        selectors = sse_server.SelectorSet(["https://e.com/users/{id}", "urn:admin"])
+        self.assertTrue(selectors.matches_any(("https://e.com/books/1", "https://e.com/users/1")))
+        self.assertFalse(selectors.matches_any(("https://e.com/books/1",)))
+        self.assertTrue(selectors.matches_any(("urn:admin",)))
+        self.assertEqual(len(selectors._answers), 3)
+
+    def test_mercure_claims(self):
+        claims = sse_server.mercure_claims({"mercure": {"publish": ["*"], "payload": {"u": 1}}})
+        self.assertEqual(claims, (("*",), (), {"u": 1}))
+        self.assertIsNone(sse_server.mercure_claims({"sub": "x"}))
+        for bad in ({"mercure": ["*"]}, {"mercure": {"subscribe": "*"}},
+                    {"mercure": {"publish": [1]}}, {"mercure": {"subscribe": ["/{"]}}):
+            with self.subTest(bad), self.assertRaises(HTTPError) as caught:
+                sse_server.mercure_claims(bad)
+            self.assertEqual(caught.exception.status, 401)
+
+    def test_reserved_topics(self):
+        reserved = sse_server.is_reserved_topic
+        self.assertTrue(reserved("/.well-known/mercure/subscriptions/a/b"))
+        self.assertTrue(reserved("https://hub.example/.well-known/mercure/subscriptions"))
+        self.assertFalse(reserved("https://e.com/.well-known/mercurex"))
+        self.assertFalse(reserved("urn:.well-known/mercure/x"))
+
+
+class MercureHubTests(ServerTestCase):
+    """The Mercure routes on a server with a JWT key, read at the byte level."""
+
+    server_options = {"jwt_secret": SECRET}
+    publisher = token(mercure={"publish": ["*"]})
+
+    def hub(self, *selectors, headers=(), **query):
+        return self.subscribe(mercure_query(*selectors, **query), path=MERCURE, headers=headers)
+
+    def post(self, fields, token_text=publisher, **options):
+        return mercure_post(self.port, fields, token_text, **options)
+
+    def publish_update(self, *topics, data="x", **fields):
+        status, headers, body = self.post([*(("topic", t) for t in topics), ("data", data),
+                                           *fields.items()])
+        self.assertEqual(status, 200, body)
+        self.assertEqual(headers["Content-Type"], "text/plain; charset=utf-8")
+        return body.decode("utf-8")
+
+    def test_publish_answers_the_id_and_the_stream_carries_it_byte_for_byte(self):
+        client = self.hub("https://example.com/books/{id}")
+        self.subscribed(1)
+        update_id = self.publish_update("https://example.com/books/1",
+                                        data="first line\n\n  indented\nlast", type="book",
+                                        retry="2500")
+        self.assertRegex(update_id, r"^urn:sse:[0-9a-f]{8}-1$")    # an IRI (RFC 3987)
+        event = client.next_event()
+        self.assertEqual((event.type, event.data, event.id),
+                         ("book", "first line\n\n  indented\nlast", update_id))
+        self.assertEqual(client.parser.retry, 2500)
+        self.assertIn((f"id: {update_id}\nevent: book\nretry: 2500\ndata: first line\n"
+                       "data: \ndata:   indented\ndata: last\n\n").encode(), client.raw)
+
+    def test_form_decoding_turns_plus_into_space(self):
+        client = self.hub("urn:t")
+        self.subscribed(1)
+        status, _, body = self.post("topic=urn:t&data=one+two%2Bthree")
+        self.assertEqual(status, 200, body)
+        self.assertEqual(client.next_event().data, "one two+three")
+
+    def test_selectors_pick_canonical_and_alternate_topics_once(self):
+        books = self.hub("https://example.com/books/{id}")
+        exact = self.hub("https://example.com/authors/2")
+        everything = self.hub("*")
+        self.subscribed(3)
+        self.publish_update("https://example.com/books/1", "https://example.com/authors/2",
+                            data="both")
+        self.publish_update("https://example.com/books/1/reviews/3", data="neither")
+        self.publish_update("https://example.com/authors/2", data="author")
+        self.assertEqual([e.data for e in books.take(1)], ["both"])
+        self.assertEqual([e.data for e in exact.take(2)], ["both", "author"])
+        self.assertEqual([e.data for e in everything.take(3)], ["both", "neither", "author"])
+        assert_nothing_else(self, [books], lambda topic, data: self.publish_update(
+            topic, data=data), "https://example.com/books/9")
+        self.assertEqual(self.server.stats()["selectors"], 2)   # the template and *
+
+    def test_a_topic_selector_matches_itself(self):
+        client = self.hub("https://example.com/books/{id}")
+        self.subscribed(1)
+        self.publish_update("https://example.com/books/{id}", data="the template itself")
+        self.assertEqual(client.next_event().data, "the template itself")
+
+    def test_events_route_is_unchanged(self):
+        mercure = self.hub("t")
+        plain = self.subscribe("topic=t", headers=[f"Authorization: Bearer {self.publisher}"])
+        self.subscribed(2)
+        self.server.broker.publish("t", "from the api")
+        self.assertRegex(plain.next_event().id, r"^[0-9a-f]{8}-1$")
+        self.assertEqual(mercure.next_event().data, "from the api")
+
+    def test_publishing_needs_a_mercure_publish_claim_covering_every_topic(self):
+        fields = [("topic", "https://example.com/books/1"), ("topic", "urn:other"),
+                  ("data", "x")]
+        status, headers, _ = self.post(fields, token_text=None)
+        self.assertEqual(status, 401)
+        self.assertIn("Bearer", headers["WWW-Authenticate"])
+        status, _, body = self.post(fields, token_text=token(sse={"publish": ["*"]}))
+        self.assertEqual((status, b"mercure.publish" in body), (403, True))
+        narrow = token(mercure={"publish": ["https://example.com/books/{id}"]})
+        status, _, body = self.post(fields, token_text=narrow)
+        self.assertEqual(status, 403)
+        self.assertIn(b"urn:other", body)
+        status, _, body = self.post(fields[:1] + fields[2:], token_text=narrow)
+        self.assertEqual(status, 200, body)
+        status, _, _ = self.post(fields, token_text="not.a.token")
+        self.assertEqual(status, 401)
+        self.assertEqual(self.server.broker.events_published, 1)
+
+    def test_publishing_by_cookie_needs_an_allowed_origin(self):
+        self.use_server(jwt_secret=SECRET, cors_origins=["https://app.example"])
+        body = "topic=urn:a&data=x"
+        cookie = f"mercureAuthorization={self.publisher}"
+        for origin, status in ((None, 403), ("https://evil.example", 403),
+                               ("https://app.example", 200),
+                               (f"http://127.0.0.1:{self.port}", 200)):
+            headers = {"Content-Type": sse_server.FORM_CONTENT_TYPE, "Cookie": cookie,
+                       "Host": f"127.0.0.1:{self.port}"}
+            if origin:
+                headers["Origin"] = origin
+            with self.subTest(origin=origin):
+                got, _, answer = http_request(self.port, "POST", MERCURE, body, headers)
+                self.assertEqual(got, status, answer)
+        self.assertEqual(self.server.broker.events_published, 2)
+
+    def test_bad_updates_get_the_drafts_status_codes(self):
+        cases = [
+            ([("data", "no topic")], 400, b"missing topic"),
+            ([("topic", "")], 400, b"empty topic"),
+            ([("topic", "u" * (sse_server.MAX_IRI_CHARS + 1))], 400, b"longer than"),
+            ([("topic", "urn:a\x01")], 400, b"control character"),
+            ([("topic", "urn:a"), ("retry", "soon")], 400, b"retry"),
+            ([("topic", "urn:a"), ("retry", "-1")], 400, b"retry"),
+            ([("topic", "urn:a"), ("type", "a\nb")], 400, b""),
+            ([("topic", "/.well-known/mercure/subscriptions/x/y")], 403, b"hub's own"),
+            ([("topic", "https://hub/.well-known/mercure/subscriptions")], 403, b"hub's own"),
+        ]
+        for fields, status, message in cases:
+            with self.subTest(fields=fields):
+                got, _, body = self.post(fields)
+                self.assertEqual(got, status, body)
+                self.assertIn(message, body)
+        got, _, body = self.post(b'{"topic": "urn:a"}', content_type="application/json")
+        self.assertEqual(got, 415, body)
+        got, _, body = self.post(b"topic=urn:a&data=%FF")
+        self.assertEqual(got, 400, body)
+        self.assertEqual(self.server.broker.events_published, 0)
+
+    def test_bad_subscriptions(self):
+        for query, status, message in [
+                ("", 400, b"missing topic"), (mercure_query("https://e.com/{id"), 400,
+                                              b"invalid URI template"),
+                (mercure_query("x" * (sse_server.MAX_IRI_CHARS + 1)), 400, b"longer than")]:
+            with self.subTest(query=query):
+                got, _, body = http_request(self.port, "GET", f"{MERCURE}?{query}")
+                self.assertEqual((got, message in body), (status, True), body)
+        bad_claim = token(mercure={"subscribe": "everything"})
+        got, headers, body = http_request(self.port, "GET", f"{MERCURE}?topic=a",
+                                          headers={"Authorization": f"Bearer {bad_claim}"})
+        self.assertEqual(got, 401, body)
+        self.assertIn('error="invalid_token"', headers["WWW-Authenticate"])
+        got, headers, _ = http_request(self.port, "PUT", f"{MERCURE}?topic=a")
+        self.assertEqual((got, headers["Allow"]), (405, "GET, POST, OPTIONS"))
+
+    def test_private_updates_reach_only_subscribers_whose_claim_matches(self):
+        mine = token(mercure={"subscribe": ["https://example.com/users/{id}"]})
+        other = token(mercure={"subscribe": ["https://example.com/users/2"]})
+        anonymous = self.hub("https://example.com/books/{id}")
+        by_header = self.hub("https://example.com/books/{id}",
+                             headers=[f"Authorization: Bearer {mine}"])
+        by_cookie = self.hub("https://example.com/books/{id}",
+                             headers=[f"Cookie: a=b; mercureAuthorization={mine}"])
+        by_query = self.hub("https://example.com/books/{id}", authorization=mine)
+        unrelated = self.hub("https://example.com/books/{id}",
+                             headers=[f"Authorization: Bearer {other}"])
+        self.subscribed(5)
+        # Private with an empty value: the field's presence is what counts;
+        # the subscriber's claim matches the alternate topic.
+        self.publish_update("https://example.com/books/1", "https://example.com/users/1",
+                            data="secret", private="")
+        self.publish_update("https://example.com/books/1", data="public")
+        for client in (by_header, by_cookie, by_query):
+            self.assertEqual([e.data for e in client.take(2)], ["secret", "public"])
+        for client in (anonymous, unrelated):
+            self.assertEqual(client.next_event().data, "public")
+
+    def test_require_auth_refuses_anonymous_subscribers(self):
+        self.use_server(jwt_secret=SECRET, require_auth=True)
+        status, headers, _ = http_request(self.port, "GET", f"{MERCURE}?topic=a")
+        self.assertEqual(status, 401)
+        self.assertIn("Bearer", headers["WWW-Authenticate"])
+        client = self.hub("a", authorization=token(mercure={"subscribe": []}))
+        self.assertEqual(client.status, 200)
+
+    def test_a_token_ends_the_stream_when_it_expires(self):
+        client = self.hub("a", authorization=token(mercure={}, exp=time.time() + 1))
+        client.read_to_end(timeout=WAIT_S)
+        self.assertTrue(client.ended)
+
+    def test_reconnection_by_header_query_and_earliest(self):
+        ids = [self.publish_update("urn:book:1", data=f"event {n}") for n in range(3)]
+        ids.append(self.publish_update("urn:author:1", data="not selected"))
+        header = self.hub("urn:book:{n}", headers=[f"Last-Event-ID: {ids[0]}"])
+        self.assertEqual(header.headers["last-event-id"], ids[0])
+        self.assertEqual([e.data for e in header.take(2)], ["event 1", "event 2"])
+        query = self.hub("urn:book:{n}", lastEventID=ids[1])
+        self.assertEqual([e.data for e in query.take(1)], ["event 2"])
+        wins = self.hub("urn:book:{n}", lastEventID=ids[0],
+                        headers=[f"Last-Event-ID: {ids[1]}"])   # the header wins
+        self.assertEqual(wins.headers["last-event-id"], ids[1])
+        self.assertEqual([e.data for e in wins.take(1)], ["event 2"])
+        earliest = self.hub("urn:book:{n}", lastEventID="earliest")
+        self.assertEqual(earliest.headers["last-event-id"], "earliest")
+        self.assertEqual([e.data for e in earliest.take(3)], ["event 0", "event 1", "event 2"])
+        # The native form of the id works too, and an unknown id says so.
+        native = self.hub("urn:book:{n}", lastEventID=sse_server.native_id(ids[1]))
+        self.assertEqual(native.next_event().data, "event 2")
+        unknown = self.hub("urn:book:{n}", lastEventID="urn:uuid:1234")
+        self.assertEqual(unknown.headers["last-event-id"], "earliest")
+        self.assertEqual(unknown.next_event().type, "reset")
+        self.assertEqual([e.data for e in unknown.take(3)], ["event 0", "event 1", "event 2"])
+        assert_nothing_else(self, [header, query, wins, earliest, native, unknown],
+                            lambda topic, data: self.publish_update(topic, data=data),
+                            "urn:book:9")
+
+    def test_a_replay_never_shows_a_private_update_to_whom_may_not_see_it(self):
+        self.publish_update("urn:book:1", data="secret", private="on")
+        self.publish_update("urn:book:1", data="public")
+        anonymous = self.hub("urn:book:{n}", lastEventID="earliest")
+        self.assertEqual(anonymous.next_event().data, "public")
+        allowed = self.hub("urn:book:{n}", lastEventID="earliest",
+                           authorization=token(mercure={"subscribe": ["urn:book:{n}"]}))
+        self.assertEqual([e.data for e in allowed.take(2)], ["secret", "public"])
+
+    def test_stats_and_metrics_count_mercure_subscribers(self):
+        self.hub("a")
+        self.subscribe("topic=b")
+        self.subscribed(2)
+        wait_until(lambda: self.server.stats()["mercure_subscribers"] == 1)
+        status, _, body = http_request(self.port, "GET", "/metrics")
+        self.assertIn(b"\nsse_mercure_subscribers 1\n", body)
+
+    def test_cors_preflight_on_the_hub(self):
+        self.use_server(jwt_secret=SECRET, cors_origins=["https://app.example"])
+        status, headers, _ = http_request(self.port, "OPTIONS", MERCURE, headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST"})
+        self.assertEqual(status, 204)
+        self.assertIn("POST", headers["Access-Control-Allow-Methods"])
+        self.assertEqual(headers["Access-Control-Allow-Origin"], "https://app.example")
+
+    def test_tokens_in_the_query_are_not_logged(self):
+        SERVER_LOG.records.clear()
+        secret_token = token(mercure={"subscribe": ["*"]})
+        self.hub("a", authorization=secret_token).close()
+        lines = lambda: [r.getMessage() for r in SERVER_LOG.records
+                         if r.name == "sse_server.access" and "mercure" in r.getMessage()]
+        wait_until(lines, message="the stream's access-log line")
+        self.assertNotIn(secret_token, "\n".join(lines()))
+        self.assertIn("authorization=[redacted]", lines()[0])
+
+
+class MercureWithoutKeyTests(ServerTestCase):
+    """No JWT key: the loopback rule, as for /publish."""
+
+    def test_loopback_publishes_without_a_token(self):
+        client = self.subscribe(mercure_query("urn:a"), path=MERCURE)
+        self.subscribed(1)
+        status, _, body = mercure_post(self.port, [("topic", "urn:a"), ("data", "hi")])
+        self.assertEqual(status, 200, body)
+        self.assertEqual(client.next_event().data, "hi")
+
+    def test_private_updates_reach_nobody_without_a_key(self):
+        client = self.subscribe(mercure_query("urn:a"), path=MERCURE)
+        self.subscribed(1)
+        status, _, _ = mercure_post(self.port, [("topic", "urn:a"), ("data", "p"),
+                                                ("private", "on")])
+        self.assertEqual(status, 200)
+        assert_nothing_else(self, client, lambda topic, data: mercure_post(
+            self.port, [("topic", topic), ("data", data)]), "urn:a")
+
+
+class MercureStoreTests(unittest.TestCase):
+    """Private updates and templates replayed from the store, across a restart."""
+
+    def test_replay_after_a_restart_keeps_privacy_and_selectors(self):
+        baseline = live_threads()
+        folder = tempfile.mkdtemp(prefix="sse-mercure-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "events.db")
+        publisher = token(mercure={"publish": ["*"]})
+        server = run_server(self, store=path, jwt_secret=SECRET)
+        port = server.server_address[1]
+        for fields in ([("topic", "urn:book:1"), ("data", "secret"), ("private", "")],
+                       [("topic", "urn:book:2"), ("topic", "urn:all"), ("data", "public")],
+                       [("topic", "urn:author:1"), ("data", "other")]):
+            self.assertEqual(mercure_post(port, fields, publisher)[0], 200)
+        server.stop()
+        server = run_server(self, store=path, jwt_secret=SECRET)
+        port = server.server_address[1]
+        allowed = token(mercure={"subscribe": ["urn:book:{n}"]})
+        for authorization, expected in ((None, ["public"]), (allowed, ["secret", "public"])):
+            query = mercure_query("urn:book:{n}", lastEventID="earliest",
+                                  **({"authorization": authorization} if authorization else {}))
+            client = StreamClient(port, query, path=MERCURE)
+            self.addCleanup(client.close)
+            self.assertEqual([e.data for e in client.take(len(expected))], expected)
+            self.assertEqual(client.parser.events, collections.deque())
+        server.stop()
+        wait_until(lambda: live_threads() <= baseline, message="threads to end")
+
+    def test_a_format_2_store_is_migrated(self):
+        folder = tempfile.mkdtemp(prefix="sse-mercure-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "events.db")
+        history = sse_server.SQLiteHistory(path)
+        broker = sse_server.Broker(history=history)
+        broker.publish("a", "kept")
+        broker.close()
+        history.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:     # back to format 2
+            db.execute("CREATE TABLE old AS SELECT topic, seq, created, frame FROM events")
+            db.execute("DROP TABLE events")
+            db.execute("CREATE TABLE events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
+                       "created REAL NOT NULL, frame BLOB NOT NULL, "
+                       "PRIMARY KEY (topic, seq)) WITHOUT ROWID")
+            db.execute("INSERT INTO events SELECT * FROM old")
+            db.execute("DROP TABLE old")
+            db.execute("UPDATE meta SET value = '2' WHERE key = 'format'")
+            db.commit()
+        history = sse_server.SQLiteHistory(path)
+        broker = sse_server.Broker(history=history)
+        broker.publish("a", "new", private=True)
+        subscriber, replay = broker.subscribe(["a"], last_event_id="earliest")
+        self.assertEqual(data_of(replay), ["kept"])
+        broker.close()
+        history.close()
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            self.assertEqual(db.execute("SELECT value FROM meta WHERE key='format'").fetchone(),
+                             (sse_server.STORE_FORMAT,))
 
 
 class DocumentationTests(unittest.TestCase):
