@@ -65,7 +65,7 @@ Roadmap (each name is real: a test resolves them all)
     SSERequestHandler._handle_mercure_subscribe   compile_selector, mercure_claims,
                                               then SSERequestHandler._stream
     SSERequestHandler._handle_mercure_publish     validate_iris, is_reserved_topic,
-                                              then Broker.publish (private, iri_id)
+                                              then Broker.publish (private, IRI ids)
     Broker._subscribers_of_locked             exact topics, then selectors matching
                                               (Broker._patterns_matching_locked, cached)
 Meant to be overridden: SSERequestHandler.routes with its handler methods (a
