@@ -525,6 +525,10 @@ class NotFound(HTTPError):
     status = HTTPStatus.NOT_FOUND
 
 
+class Conflict(HTTPError):
+    status = HTTPStatus.CONFLICT
+
+
 class MethodNotAllowed(HTTPError):
     status = HTTPStatus.METHOD_NOT_ALLOWED
 
@@ -654,6 +658,20 @@ HEARTBEAT_COMMENT = format_comment("heartbeat")
 def format_event_id(run_id: str, seq: int, iri: bool = False) -> str:
     """"<run>-<seq>"; as an IRI (for the Mercure route) "urn:sse:<run>-<seq>"."""
     return f"{MERCURE_ID_PREFIX}{run_id}-{seq}" if iri else f"{run_id}-{seq}"
+
+
+def check_publisher_id(text: str, run_id: Optional[str]) -> str:
+    """A publisher's own id for an event (Mercure's `id` field): no line
+    break or NUL, not "#..." (the draft's rules), at most MAX_IRI_CHARS, and
+    not one that could be mistaken for a position in our numbering."""
+    if not text or len(text) > MAX_IRI_CHARS:
+        raise BadRequest(f"id must be 1 to {MAX_IRI_CHARS} characters")
+    if text.startswith("#") or any(char in text for char in "\r\n\0"):
+        raise BadRequest("id must not start with '#' or hold a line break or NUL")
+    if (text == EARLIEST or text.startswith(MERCURE_ID_PREFIX) or
+            (run_id is not None and parse_event_id(text, run_id) is not None)):
+        raise BadRequest(f"id {text[:80]!r} is of the hub's own form; choose another")
+    return text
 
 
 def native_id(text: str) -> str:
@@ -1905,10 +1923,11 @@ class Subscriber(StreamSink):
 
 
 class _Event:
-    __slots__ = ("seq", "id", "frame", "topics", "created", "reached", "refused", "private")
+    __slots__ = ("seq", "id", "frame", "topics", "created", "reached", "refused", "private",
+                 "named")
 
     def __init__(self, seq: int, id: Optional[str], frame: bytes, created: float,
-                 topics: tuple[str, ...] = (), private: bool = False):
+                 topics: tuple[str, ...] = (), private: bool = False, named: bool = False):
         self.seq = seq              # the broker's order (in a local history, the id's number)
         self.id = id                # None for a notice that is not an event (a reset)
         self.frame = frame          # the event's bytes (kept in history)
@@ -1917,6 +1936,7 @@ class _Event:
         self.reached = 0
         self.refused: Optional[ServiceUnavailable] = None   # why its history could not keep it
         self.private = private      # only for subscribers whose token allows one of its topics
+        self.named = named          # its id is the publisher's (else the history's numbering)
 
 
 DELIVERY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -2024,6 +2044,7 @@ class Broker:
         self._subscribers_by_pattern: dict[str, set[Subscriber]] = {}
         self._patterns: dict[str, object] = {}
         self._patterns_of_topic: dict[str, tuple[str, ...]] = {}
+        self._ids_in_flight: set[str] = set()  # publishers' ids being published now
         self._subscriber_count = 0
         self._closed = False
         self._pending: list[_Event] = []   # published, not yet handed out
@@ -2048,7 +2069,7 @@ class Broker:
 
     def publish(self, topics, data: object, *, event: Optional[str] = None,
                 retry: Optional[int] = None, private: bool = False,
-                iri_id: bool = False) -> Published:
+                iri_id: bool = False, event_id: Optional[str] = None) -> Published:
         """Send one event to every subscriber of `topics` (a name or a list).
 
         Returns (id, subscribers reached). Never blocks on a client; waits
@@ -2056,10 +2077,37 @@ class Broker:
         and raises ServiceUnavailable if it cannot, or once the broker is
         closed. A `private` event reaches only subscribers whose token
         allows one of its topics; `iri_id` gives the id its IRI form
-        (urn:sse:..., for the Mercure route)."""
+        (urn:sse:..., for the Mercure route). `event_id` is the publisher's
+        own id, used if the history keeps such ids (else ignored, as the
+        Mercure draft allows): Conflict (409) while an event of that id is
+        held, BadRequest if it is of the wrong form."""
         topic_list, text = _prepare_event(topics, data, event, retry)
         if self._closed:
             raise ServiceUnavailable("server is shutting down")
+        if event_id is not None and self.history.keeps_publisher_ids:
+            return self._publish_named(topic_list, text, event, retry, private,
+                                       check_publisher_id(event_id, self.history.run_id))
+        return self._publish(topic_list, text, event, retry, private, iri_id)
+
+    def _publish_named(self, topic_list, text, event, retry, private, event_id) -> Published:
+        """Publish under the publisher's id, once no held event has it. An
+        id is claimed (under the lock) before the history is asked (outside
+        it), so two publishers of one id cannot both pass."""
+        with self._lock:
+            if event_id in self._ids_in_flight:
+                raise Conflict(f"id {event_id[:80]!r} is being published right now")
+            self._ids_in_flight.add(event_id)
+        try:
+            if self.history.find(event_id) is not None:
+                raise Conflict(f"id {event_id[:80]!r} is still held in the history; "
+                               "ids must be unique")
+            return self._publish(topic_list, text, event, retry, private, False, event_id)
+        finally:
+            with self._lock:
+                self._ids_in_flight.discard(event_id)
+
+    def _publish(self, topic_list, text, event, retry, private, iri_id,
+                 named: Optional[str] = None) -> Published:
         if self.history.shared:     # it numbers the event and hands it back to us
             event_id = self.history.add(topic_list, text, event, retry, private=private,
                                         iri_id=iri_id)
@@ -2070,9 +2118,9 @@ class Broker:
             if self._closed:        # (checked again: close() may have come meanwhile)
                 raise ServiceUnavailable("server is shutting down")
             self._seq += 1
-            event_id = format_event_id(self.history.run_id, self._seq, iri_id)
+            event_id = named or format_event_id(self.history.run_id, self._seq, iri_id)
             item = _Event(self._seq, event_id, _encode_event(text, event, event_id, retry),
-                          self._clock(), topic_list, private)
+                          self._clock(), topic_list, private, named is not None)
             self._pending.append(item)
             self._flush_through(item.seq)
         if item.refused:    # each of the batch's publishers raises an error of its own
@@ -2115,8 +2163,8 @@ class Broker:
             dropped: list[Subscriber] = []
             try:
                 if self._keep_unlocked(batch):
-                    self._last_id = next(
-                        (item.id for item in reversed(batch) if item.id), self._last_id)
+                    self._last_id = next((self._position_of(item) for item in reversed(batch)
+                                          if item.id), self._last_id)
                     shares = self._shares_locked(batch)
                     self._lock.release()
                     try:
@@ -2159,6 +2207,11 @@ class Broker:
             return False
         finally:
             self._lock.acquire()
+
+    def _position_of(self, item: _Event) -> str:
+        """The id of `item` in the history's numbering (a publisher's own id
+        is not a position)."""
+        return format_event_id(self.history.run_id, item.seq) if item.named else item.id
 
     def _shares_locked(self, batch: list[_Event]) -> list[tuple[list[Subscriber], list[_Event]]]:
         """Group the batch by who gets what: [(subscribers, their events)]."""
@@ -2268,10 +2321,21 @@ class Broker:
         if not last_event_id:
             return subscriber, []
         try:
-            return subscriber, self.history.replay(subscriber, last_event_id, upto)
+            return subscriber, self.history.replay(subscriber, self.position(last_event_id),
+                                                   upto)
         except ServiceUnavailable:
             self.unsubscribe(subscriber)
             raise
+
+    def position(self, last_event_id: str) -> str:
+        """Where a Last-Event-ID points in the history's numbering: itself,
+        or, for a publisher's own id, the id of the event that has it (the
+        id itself if no held event has it: a replay then says unknown-id)."""
+        history = self.history
+        if (history.keeps_publisher_ids and last_event_id != EARLIEST and
+                parse_event_id(last_event_id, history.run_id) is None):
+            return history.find(last_event_id) or last_event_id
+        return last_event_id
 
     def _register_locked(self, subscriber: Subscriber) -> None:
         if self._closed:
@@ -2444,6 +2508,10 @@ class History:
       `topics` are the exact ones, and it has `patterns` (selectors that
       may match any topic) only on the Mercure route. A private event must
       never be replayed to a selection that does not want it.
+    - A history that `keeps_publisher_ids` keeps events published under a
+      publisher's own id (event.named; the Mercure hub's `id` field) and
+      find(event_id) gives the id, in its numbering, of the held event that
+      has it, or None. Others get no such events: the broker numbers them.
     - A shared history (`shared`) numbers events itself: publish() calls
       add() instead of queueing, and the history gives every event back,
       whichever instance published it, through hand_out() in its order.
@@ -2451,6 +2519,7 @@ class History:
     network I/O never stalls the registry."""
 
     shared = False
+    keeps_publisher_ids = False
     run_id: Optional[str] = None
     last_id: Optional[str] = None
 
@@ -2467,6 +2536,9 @@ class History:
     def replay(self, selection: Subscriber, last_event_id: str,
                upto: Optional[str]) -> list[bytes]:
         raise NotImplementedError
+
+    def find(self, event_id: str) -> Optional[str]:
+        return None
 
     def stats(self) -> dict:
         return {}
@@ -2584,14 +2656,45 @@ class MemoryHistory(History):
         # held for no I/O.
         self._lock = threading.Lock()
         self._topics: collections.OrderedDict[str, _TopicHistory] = collections.OrderedDict()
+        self._named: dict[str, _Event] = {}    # held events by their publisher's id
+
+    keeps_publisher_ids = True
 
     def append(self, batch: list[_Event]) -> None:
         with self._lock:
             for item in batch:
                 self._remember(item)
 
+    def find(self, event_id: str) -> Optional[str]:
+        with self._lock:
+            event = self._named.get(event_id)
+            if event is None:
+                return None
+            for topic in event.topics:      # (a TTL may have let it go meanwhile)
+                if topic in self._topics:
+                    self._expire(self._topics[topic])
+            event = self._named.get(event_id)
+            return None if event is None else format_event_id(self.run_id, event.seq)
+
+    def _holds(self, event: _Event) -> bool:
+        """Is `event` still in one of its topics' histories? (Each is in seq
+        order and loses events from its oldest end only.)"""
+        for topic in event.topics:
+            history = self._topics.get(topic)
+            if history is not None and history.events and history.events[0].seq <= event.seq:
+                return True
+        return False
+
+    def _let_go(self, event: _Event) -> None:
+        """`event` left a topic's history: once it is in none, its
+        publisher's id may be used again."""
+        if event.named and self._named.get(event.id) is event and not self._holds(event):
+            del self._named[event.id]
+
     def _remember(self, event: _Event) -> None:
         retention = self.retention
+        if event.named:
+            self._named[event.id] = event
         for topic in event.topics:
             history = self._topics.get(topic)
             if history is None:
@@ -2600,6 +2703,9 @@ class MemoryHistory(History):
                 for name, dropped in retention.drop_topics(self._topics):
                     retention.forget(name, dropped.events[-1].seq if dropped.events
                                      else dropped.evicted_through)
+                    if self._named:
+                        for gone in dropped.events:
+                            self._let_go(gone)
             else:
                 self._topics.move_to_end(topic)
             history.events.append(event)
@@ -2610,9 +2716,12 @@ class MemoryHistory(History):
             self._expire(history)
 
     def _evict_oldest(self, history: _TopicHistory) -> None:
-        history.evicted_through = history.events.popleft().seq
+        event = history.events.popleft()
+        history.evicted_through = event.seq
         if history.kept_at:
             history.kept_at.popleft()
+        if event.named:
+            self._let_go(event)
 
     def _expire(self, history: _TopicHistory) -> None:
         cutoff = self.retention.cutoff(self._clock())
@@ -2666,7 +2775,7 @@ class MemoryHistory(History):
 # --- Store: the history in an SQLite file (--store), kept across restarts ----------------
 
 STORE_FORMAT = "3"              # the layout of the file, kept in it (1: no forgotten table;
-                                # 2: no events.private_topics)
+                                # 2: no events.private_topics nor events.event_id)
 STORE_SCHEMA = (
     # format, run_id, forgotten_buckets (how many, see Retention), and
     # forgotten_through: seqs up to it count as forgotten for every topic
@@ -2680,9 +2789,10 @@ STORE_SCHEMA = (
     # One row per event and topic (an event on two topics has two): its bytes
     # on the wire, id included, and when it was kept (Unix time, for the TTL).
     # private_topics: NULL, or for a private event all its topics (JSON), which
-    # a replay needs to tell who may see it.
+    # a replay needs to tell who may see it. event_id: NULL, or the id its
+    # publisher gave it (Mercure's `id`), which a Last-Event-ID may name.
     "CREATE TABLE IF NOT EXISTS events (topic TEXT NOT NULL, seq INTEGER NOT NULL, "
-    "created REAL NOT NULL, frame BLOB NOT NULL, private_topics TEXT, "
+    "created REAL NOT NULL, frame BLOB NOT NULL, private_topics TEXT, event_id TEXT, "
     "PRIMARY KEY (topic, seq)) WITHOUT ROWID",
     # The marks of topics --max-topics dropped, by hash bucket (see Retention).
     "CREATE TABLE IF NOT EXISTS forgotten (bucket INTEGER PRIMARY KEY, "
@@ -2825,8 +2935,9 @@ class SQLiteHistory(History):
             if meta.get("format") in ("1", "2"):    # older files: add what is missing
                 # (format 1's one mark becomes the floor of every topic)
                 columns = {row[1] for row in db.execute("PRAGMA table_info(events)")}
-                if "private_topics" not in columns:
-                    db.execute("ALTER TABLE events ADD COLUMN private_topics TEXT")
+                for column in ("private_topics", "event_id"):
+                    if column not in columns:
+                        db.execute(f"ALTER TABLE events ADD COLUMN {column} TEXT")
                 meta["format"] = STORE_FORMAT
                 db.execute("UPDATE meta SET value = ? WHERE key = 'format'", (STORE_FORMAT,))
             if "forgotten_buckets" not in meta:
@@ -2836,6 +2947,8 @@ class SQLiteHistory(History):
             if meta.get("format") != STORE_FORMAT:
                 raise StoreError(f"{self.path} was written in another format "
                                  f"({meta.get('format')!r}, this server reads {STORE_FORMAT!r})")
+            db.execute("CREATE INDEX IF NOT EXISTS events_by_publisher_id ON events (event_id) "
+                       "WHERE event_id IS NOT NULL")
             db.execute("COMMIT")
             self.run_id = meta["run_id"]
             self._read_counts()
@@ -2863,7 +2976,8 @@ class SQLiteHistory(History):
     def append(self, batch: list[_Event]) -> None:
         now = self._clock()
         rows = [(topic, item.seq, now, item.frame,
-                 json.dumps(item.topics) if item.private else None)
+                 json.dumps(item.topics) if item.private else None,
+                 item.id if item.named else None)
                 for item in batch for topic in item.topics]
         added: dict[str, list[int]] = {}     # topic: [its newest seq in the batch, rows]
         for item in batch:
@@ -2898,7 +3012,7 @@ class SQLiteHistory(History):
         self._recover_if_stale()
         db.execute("BEGIN IMMEDIATE")
         self._stale = True
-        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?)", rows)
+        db.executemany("INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)", rows)
         for topic, (newest, count) in added.items():
             kept = self._topics.pop(topic, None)
             if kept is None:
@@ -2966,6 +3080,26 @@ class SQLiteHistory(History):
             complete, frames = self._read(selection, after, limit)
         return _with_reset(reason or (None if complete else "history-exceeded"),
                            last_event_id, frames)
+
+    keeps_publisher_ids = True
+
+    def find(self, event_id: str) -> Optional[str]:
+        found = self._cache.find(event_id)      # (what the cache holds, the file holds)
+        if found is not None:
+            return found
+        cutoff = self.retention.cutoff(self._clock())
+        with self._lock:
+            if self._closed:
+                raise ServiceUnavailable("server is shutting down")
+            try:
+                self._recover_if_stale()
+                row = self._db.execute(
+                    "SELECT seq FROM events WHERE event_id = ? AND created >= ? LIMIT 1",
+                    (event_id, -math.inf if cutoff is None else cutoff)).fetchone()
+            except sqlite3.Error as error:
+                raise ServiceUnavailable(f"the event store cannot be read: {error}",
+                                         retry_after_s=STORE_RETRY_AFTER_S) from None
+        return None if row is None else format_event_id(self.run_id, row[0])
 
     def _read(self, selection: Subscriber, after: int, upto: int) -> tuple[bool, list[bytes]]:
         """As MemoryHistory.events_between, from the file."""
@@ -3879,8 +4013,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _handle_mercure_publish(self, url) -> None:
         """POST /.well-known/mercure, a form: topic (repeatable: the first is
-        canonical, the others alternates), data, private, type, retry, id.
-        Answers the update's id as text/plain."""
+        canonical, the others alternates), data, private, type, retry, id
+        (the publisher's own; see Broker.publish). Answers the update's id
+        as text/plain."""
         self._check_publish_rate()
         query = parse_query(url.query)
         access = self.server.access
@@ -3911,7 +4046,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         result = self.server.broker.publish(
             topics, _single(fields, "data") or "", event=_single(fields, "type") or None,
             retry=None if retry is None else int(retry), private="private" in fields,
-            iri_id=True)
+            iri_id=True, event_id=_single(fields, "id"))
         self._respond(HTTPStatus.OK, result.id.encode("utf-8"))
 
     # The routes: (method, path) -> handler(self, url). A family of routes is

@@ -832,6 +832,31 @@ class BrokerTests(unittest.TestCase):
                          ["RuntimeError", "ServiceUnavailable"])
         self.assertEqual(broker.stats()["events_published"], 1)
 
+    def test_a_publishers_id_is_held_while_its_event_is(self):
+        now = [1000.0]
+        history = memory_history(clock=lambda: now[0], history_ttl_s=60, max_topics=2)
+        broker = Broker(history=history)
+        self.assertEqual(broker.publish("a", "x", event_id="rev").id, "rev")
+        with self.assertRaises(sse_server.Conflict):
+            broker.publish("b", "y", event_id="rev")
+        self.assertEqual(history.find("rev"), f"{history.run_id}-1")
+        now[0] += 61                            # the TTL lets it go
+        self.assertIsNone(history.find("rev"))
+        broker.publish("a", "x", event_id="rev")
+        broker.publish("b", "y")
+        broker.publish("c", "z")                # max_topics drops topic a, and the id
+        self.assertIsNone(history.find("rev"))
+        broker.publish("d", "w", event_id="rev")
+        self.assertEqual(history.find("rev"), f"{history.run_id}-5")   # (a 409 spends no id)
+        # A history that cannot keep them (a shared one, say) gets none: the
+        # broker numbers the event, as the Mercure draft allows.
+        class Plain(sse_server.MemoryHistory):
+            keeps_publisher_ids = False
+        plain = Broker(history=Plain())
+        self.assertEqual(plain.publish("a", "x", event_id="rev").id, f"{plain.history.run_id}-1")
+        broker.close()
+        plain.close()
+
     def test_publish_after_close_is_refused(self):
         broker = Broker()
         subscriber, _ = broker.subscribe(["a"])
@@ -2898,6 +2923,12 @@ class RedisTests(unittest.TestCase):
             self.assertEqual(status, 200, body)
             ids.append(body.decode())
         self.assertTrue(all(i.startswith("urn:sse:") for i in ids), ids)
+        # A publisher's own id is not kept by Redis: the hub assigns its own
+        # (which the draft allows), and says which in the answer.
+        status, _, body = mercure_post(self.a.server_address[1], [
+            ("topic", "urn:author:2"), ("data", "named"), ("id", "urn:uuid:1")])
+        self.assertEqual(status, 200)
+        self.assertTrue(body.startswith(b"urn:sse:"), body)
         self.assertEqual([(e.data, e.id) for e in live.take(2)],
                          [("secret", ids[0]), ("public", ids[1])])
         for query, expected in [
@@ -4581,6 +4612,65 @@ class MercureHubTests(ServerTestCase):
                             lambda topic, data: self.publish_update(topic, data=data),
                             "urn:book:9")
 
+    def test_a_publishers_id_is_the_events_id_and_a_reconnection_point(self):
+        client = self.hub("urn:book:{n}")
+        self.subscribed(1)
+        first = self.publish_update("urn:book:1", data="one", id="https://example.com/rev/1")
+        self.assertEqual(first, "https://example.com/rev/1")
+        self.publish_update("urn:book:1", data="two", id="urn:uuid:5e0c-2")
+        hub_id = self.publish_update("urn:book:2", data="three")
+        self.assertEqual([e.id for e in client.take(3)],
+                         ["https://example.com/rev/1", "urn:uuid:5e0c-2", hub_id])
+        self.assertIn(b"id: https://example.com/rev/1\ndata: one\n\n", client.raw)
+        resumed = self.hub("urn:book:{n}", headers=["Last-Event-ID: https://example.com/rev/1"])
+        self.assertEqual(resumed.headers["last-event-id"], "https://example.com/rev/1")
+        self.assertEqual([(e.data, e.id) for e in resumed.take(2)],
+                         [("two", "urn:uuid:5e0c-2"), ("three", hub_id)])
+        by_query = self.hub("urn:book:{n}", lastEventID="urn:uuid:5e0c-2")
+        self.assertEqual(by_query.next_event().data, "three")
+        # While an event holds an id, the id is refused; nothing is published.
+        status, _, body = self.post([("topic", "urn:book:3"), ("data", "again"),
+                                     ("id", "urn:uuid:5e0c-2")])
+        self.assertEqual(status, 409, body)
+        self.assertIn(b"still held", body)
+        for bad, message in (("#1", b"'#'"), ("a\rb", b"line break"),
+                             ("urn:sse:x-1", b"hub's own"), ("earliest", b"hub's own"),
+                             (sse_server.native_id(hub_id), b"hub's own")):
+            with self.subTest(id=bad):
+                status, _, body = self.post([("topic", "urn:book:3"), ("id", bad)])
+                self.assertEqual((status, message in body), (400, True), body)
+        assert_nothing_else(self, [client, resumed, by_query],
+                            lambda topic, data: self.publish_update(topic, data=data),
+                            "urn:book:9")
+
+    def test_an_id_is_free_again_once_its_event_is_gone(self):
+        self.use_server(jwt_secret=SECRET, history_size=1)
+        self.publish_update("urn:a", "urn:b", data="old", id="rev-1")
+        self.publish_update("urn:a", data="newer")      # urn:b still holds rev-1
+        status, _, _ = self.post([("topic", "urn:c"), ("id", "rev-1")])
+        self.assertEqual(status, 409)
+        self.publish_update("urn:b", data="newer too")  # now no topic does
+        self.assertEqual(self.publish_update("urn:c", data="reused", id="rev-1"), "rev-1")
+        client = self.hub("urn:c", lastEventID="rev-1")
+        assert_nothing_else(self, client, lambda topic, data: self.publish_update(
+            topic, data=data), "urn:c")
+
+    def test_concurrent_publishers_of_one_id_one_wins(self):
+        results = []
+        barrier = threading.Barrier(8)
+
+        def publish():
+            barrier.wait()
+            results.append(self.post([("topic", "urn:race"), ("data", "x"),
+                                      ("id", "urn:race:1")])[0])
+        threads = [threading.Thread(target=publish) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+        self.assertEqual(sorted(results), [200] + [409] * 7)
+        self.assertEqual(self.server.broker.events_published, 1)
+
     def test_a_replay_never_shows_a_private_update_to_whom_may_not_see_it(self):
         self.publish_update("urn:book:1", data="secret", private="on")
         self.publish_update("urn:book:1", data="public")
@@ -4664,6 +4754,34 @@ class MercureStoreTests(unittest.TestCase):
             self.assertEqual([e.data for e in client.take(len(expected))], expected)
             self.assertEqual(client.parser.events, collections.deque())
         server.stop()
+        wait_until(lambda: live_threads() <= baseline, message="threads to end")
+
+    def test_publishers_ids_are_kept_in_the_file(self):
+        baseline = live_threads()
+        folder = tempfile.mkdtemp(prefix="sse-mercure-")
+        self.addCleanup(shutil.rmtree, folder)
+        path = os.path.join(folder, "events.db")
+        ids = []
+        for run in range(2):
+            server = run_server(self, store=path, store_cache_size=1)
+            port = server.server_address[1]
+            for n in range(3):
+                status, _, body = mercure_post(port, [("topic", "urn:a"), ("data", f"{run}.{n}"),
+                                                      ("id", f"rev-{run}-{n}")])
+                self.assertEqual(status, 200, body)
+                ids.append(body.decode())
+            # rev-0-0 is held by the file (the cache keeps one event): refused,
+            # and a reconnection point, in the first run and after the restart.
+            status, _, body = mercure_post(port, [("topic", "urn:b"), ("id", "rev-0-0")])
+            self.assertEqual(status, 409, body)
+            client = StreamClient(port, mercure_query("urn:a", lastEventID="rev-0-0"),
+                                  path=MERCURE)
+            self.addCleanup(client.close)
+            expected = [f"{r}.{n}" for r in range(run + 1) for n in range(3)][1:]
+            self.assertEqual([e.data for e in client.take(len(expected))], expected)
+            client.close()
+            server.stop()
+        self.assertEqual(ids, [f"rev-{r}-{n}" for r in range(2) for n in range(3)])
         wait_until(lambda: live_threads() <= baseline, message="threads to end")
 
     def test_a_format_2_store_is_migrated(self):

@@ -7,6 +7,8 @@
     python3 bench/bench.py --redis              # + two instances behind one Redis
     python3 bench/bench.py --portable           # + ours in portable mode (no Linux fast paths)
     python3 bench/bench.py --store              # + ours with --store (SQLite, synced)
+    python3 bench/bench.py --mercure            # + ours through /.well-known/mercure: exact
+                                                #   topics, and a URI template per subscriber
 
 The load generator (bench/loadgen.c) is compiled with the machine's gcc at
 run time; it holds the subscriber connections on one epoll loop and reports
@@ -102,11 +104,13 @@ def process_tree(pid: int) -> list[int]:
 
 
 class Target:
-    """A server to benchmark: how to start it and its two endpoint paths."""
+    """A server to benchmark: how to start it and its two endpoint paths
+    (and, for a form publish, its topic: see bench/loadgen.c)."""
 
     name = "target"
     events_path = "/events?topic=bench"
     publish_path = "/publish?topic=bench"
+    form_topic: str | None = None
 
     def start(self, port: int) -> subprocess.Popen:
         raise NotImplementedError
@@ -180,6 +184,26 @@ class StoreServer(OurServer):
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+class MercureServer(OurServer):
+    """Ours through the Mercure routes: subscribers select the exact topic,
+    updates are published as forms."""
+
+    name = "sse_server.py Mercure"
+    events_path = "/.well-known/mercure?topic=bench"
+    publish_path = "/.well-known/mercure"
+    form_topic = "bench"
+
+
+class MercureTemplateServer(MercureServer):
+    """Each subscriber holds a URI template of its own (bench/{id}{?sN}, N
+    its number), all matching the topic published: 1,000 distinct selectors."""
+
+    name = "sse_server.py Mercure, a template each"
+    events_path = "/.well-known/mercure?topic=bench%2F%7Bid%7D%7B%3Fs@N@%7D"
+    form_topic = "bench%2F1"
+    scenarios = ("S1", "S2")
+
+
 def sync_cost_ms(folder: str, count: int = 200) -> float:
     """Median time of one 4 KiB write and fsync in `folder`: the floor
     under every store commit on this disk."""
@@ -229,7 +253,10 @@ def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dic
         command = [loadgen, "127.0.0.1", str(port), target.events_path, target.publish_path,
                    str(subscribers), str(publishers), mode, str(rate), str(seconds),
                    *map(str, extra_ports)]
-        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        env = dict(os.environ)
+        if target.form_topic:
+            env["LOADGEN_FORM_TOPIC"] = target.form_topic
+        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
         line = generator.stdout.readline()
         if line.strip() != "connected":
             generator.wait()
@@ -442,6 +469,8 @@ def main(argv=None) -> int:
                         help="also run ours in portable mode (the fallbacks other platforms use)")
     parser.add_argument("--store", action="store_true",
                         help="also run ours with --store (history synced to an SQLite file)")
+    parser.add_argument("--mercure", action="store_true",
+                        help="also run ours through the Mercure hub (exact topics, templates)")
     args = parser.parse_args(argv)
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -454,6 +483,8 @@ def main(argv=None) -> int:
         targets.append(PortableServer())
     if args.store:
         targets.append(StoreServer())
+    if args.mercure:
+        targets += [MercureServer(), MercureTemplateServer()]
     if args.compare:
         targets += peer_targets()       # installs and starts the peers
     redis = None

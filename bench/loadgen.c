@@ -9,6 +9,10 @@
  *   loadgen HOST PORT EVENTS_PATH PUBLISH_PATH SUBS PUBCONNS MODE RATE DURATION_S [SUB_PORT2]
  *   MODE: closed | rate   (RATE: publishes per second in total, for rate)
  *   SUB_PORT2: every other subscriber connects to this port instead (two instances)
+ *   EVENTS_PATH may hold "@N@", replaced by each subscriber's number (so that
+ *   each can hold a selector of its own).
+ *   With LOADGEN_FORM_TOPIC=T in the environment, each publish is a form,
+ *   "topic=T&data=<ns>+<n>" (the Mercure route), instead of a raw body.
  *
  * Prints "connected" once every subscriber is in, waits a second (bench.py
  * reads the server's idle memory then), and publishes.
@@ -100,12 +104,18 @@ static void send_all(conn_t *c, const char *data, int len) {
     }
 }
 
+static const char *form_topic;   /* LOADGEN_FORM_TOPIC, or NULL */
+
 static void publish(conn_t *c, long n) {
-    char body[64], request[512];
-    int body_len = snprintf(body, sizeof body, "%lld %ld", now_ns(), n);
+    char body[640], request[1024];
+    int body_len = form_topic
+        ? snprintf(body, sizeof body, "topic=%s&data=%lld+%ld", form_topic, now_ns(), n)
+        : snprintf(body, sizeof body, "%lld %ld", now_ns(), n);
     int len = snprintf(request, sizeof request,
-                       "POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: text/plain\r\n"
-                       "Content-Length: %d\r\n\r\n%s", publish_path, body_len, body);
+                       "POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: %s\r\n"
+                       "Content-Length: %d\r\n\r\n%s", publish_path,
+                       form_topic ? "application/x-www-form-urlencoded" : "text/plain",
+                       body_len, body);
     c->state = PUB_WAITING;
     c->head_len = 0;
     c->body_left = -1;
@@ -229,10 +239,10 @@ int main(int argc, char **argv) {
 
     epfd = epoll_create1(0);
     conn_t *conns = calloc(subs + pubconns, sizeof(conn_t));
+    form_topic = getenv("LOADGEN_FORM_TOPIC");
     char request[1024];
-    int request_len = snprintf(request, sizeof request,
-                               "GET %s HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n",
-                               events_path);
+    const char *numbered = strstr(events_path, "@N@");
+    int request_len = 0;
     struct epoll_event events[1024];
 
     /* Phase 1: connect every subscriber, at most 1000 handshakes in flight. */
@@ -252,6 +262,13 @@ int main(int argc, char **argv) {
                 struct epoll_event ev = { .events = EPOLLIN, .data.ptr = c };
                 epoll_ctl(epfd, EPOLL_CTL_MOD, c->fd, &ev);
                 c->state = WAITING_HEAD;
+                int number = (int)(c - conns);
+                request_len = numbered
+                    ? snprintf(request, sizeof request, "GET %.*s%d%s HTTP/1.1\r\nHost: bench\r\n"
+                               "Accept: text/event-stream\r\n\r\n", (int)(numbered - events_path),
+                               events_path, number, numbered + 3)
+                    : snprintf(request, sizeof request, "GET %s HTTP/1.1\r\nHost: bench\r\n"
+                               "Accept: text/event-stream\r\n\r\n", events_path);
                 send_all(c, request, request_len);
             }
             if ((events[i].events & EPOLLIN) && c->state != CLOSED) {
