@@ -118,6 +118,7 @@ import threading
 import _thread
 import time
 import urllib.parse
+import uuid
 from http import HTTPStatus
 from typing import Callable, Iterable, NamedTuple, Optional, Sequence
 
@@ -297,6 +298,9 @@ class Settings:
     require_auth: bool = _option(False, "--require-auth",
                                  "every topic needs a JWT to subscribe (on the Mercure hub: "
                                  "no anonymous subscribers)", group=_SECURITY)
+    mercure_subscriptions: bool = _option(
+        False, "--subscriptions", "Mercure: publish an update at every subscribe and "
+        "disconnect, and serve the subscriptions API (presence)", group=_SECURITY)
     cors_origins: tuple = _option((), "--cors-origin",
                                   "let browsers on this origin (or *, without credentials) "
                                   "use /events, /publish and the Mercure hub; repeatable",
@@ -1318,6 +1322,8 @@ class RateLimiter:
 
 MAX_IRI_CHARS = 2048            # longest Mercure topic, selector or id
 MERCURE_PATH = "/.well-known/mercure"
+MERCURE_SUBSCRIPTIONS = MERCURE_PATH + "/subscriptions"    # the subscriptions API
+MERCURE_CONTEXT = "https://mercure.rocks/"                  # its JSON-LD @context
 MERCURE_COOKIE = "mercureAuthorization"
 MERCURE_ID_PREFIX = "urn:sse:"  # hub-assigned ids on the Mercure route: urn:sse:<run>-<seq>
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
@@ -2327,6 +2333,11 @@ class Broker:
             self.unsubscribe(subscriber)
             raise
 
+    @property
+    def last_event_id(self) -> Optional[str]:
+        """The newest event handed out (or kept at start); None if none."""
+        return self._last_id
+
     def position(self, last_event_id: str) -> str:
         """Where a Last-Event-ID points in the history's numbering: itself,
         or, for a publisher's own id, the id of the event that has it (the
@@ -2456,6 +2467,67 @@ def format_reset_event(reason: str, last_event_id: str) -> bytes:
     It carries no id, so the client's last event id is left as it was."""
     data = {"reason": reason, "lastEventId": last_event_id, "message": RESET_MESSAGES[reason]}
     return format_event(json.dumps(data, ensure_ascii=False), event="reset")
+
+
+class Presence:
+    """Mercure's active subscriptions (--subscriptions): which selectors
+    this instance's hub streams hold, with the payload of their tokens. On
+    every subscribe and disconnect it publishes the subscription update, a
+    private one on the subscription's own topic, and it answers the
+    subscriptions API from what it holds."""
+
+    def __init__(self, broker: Broker):
+        self.broker = broker
+        self._lock = threading.Lock()
+        self._active: dict[str, tuple[Topics, object]] = {}   # subscriber: selectors, payload
+
+    @staticmethod
+    def topic_of(selector: str, subscriber: str) -> str:
+        """The subscription's IRI: both parts percent-encoded, as the draft says."""
+        quote = functools.partial(urllib.parse.quote, safe="")
+        return f"{MERCURE_SUBSCRIPTIONS}/{quote(selector)}/{quote(subscriber)}"
+
+    def document(self, selector: str, subscriber: str, payload: object,
+                 active: bool = True) -> dict:
+        found = {"id": self.topic_of(selector, subscriber), "type": "Subscription",
+                 "topic": selector, "subscriber": subscriber, "active": active}
+        if payload is not None:
+            found["payload"] = payload
+        return found
+
+    def joined(self, selectors: Topics, payload: object) -> str:
+        """A hub stream began; returns its subscriber id."""
+        subscriber = f"urn:uuid:{uuid.uuid4()}"
+        with self._lock:
+            self._active[subscriber] = (selectors, payload)
+        self._announce(subscriber, selectors, payload, True)
+        return subscriber
+
+    def left(self, subscriber: str) -> None:
+        with self._lock:
+            selectors, payload = self._active.pop(subscriber)
+        self._announce(subscriber, selectors, payload, False)
+
+    def _announce(self, subscriber: str, selectors: Topics, payload: object,
+                  active: bool) -> None:
+        for selector in selectors:
+            update = {"@context": MERCURE_CONTEXT,
+                      **self.document(selector, subscriber, payload, active)}
+            try:
+                self.broker.publish(validate_iris([update["id"]]), json.dumps(update),
+                                    private=True, iri_id=True)
+            except HTTPError as error:  # shutting down, the history refused it, or
+                # a selector too long to name: presence is best effort, streams go on
+                logger.debug("no subscription update for %s: %s", subscriber, error.reason)
+
+    def documents(self, selector: Optional[str] = None,
+                  subscriber: Optional[str] = None) -> list[dict]:
+        """The active subscriptions, of one selector, or one subscriber's."""
+        with self._lock:
+            active = list(self._active.items())
+        return [self.document(held, who, payload) for who, (selectors, payload) in active
+                for held in selectors if (selector is None or held == selector) and
+                (subscriber is None or who == subscriber)]
 
 
 def _replay_bounds(last_event_id: str, upto: Optional[str],
@@ -3543,7 +3615,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     rbufsize = 8192                    # request read buffer
     # The routes, (method, path) -> handler, are at the end of the class body.
     methods = ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS")  # others: 501
-    cors_paths = ("/events", "/publish", MERCURE_PATH)
+    cors_paths = ("/events", "/publish", MERCURE_PATH, MERCURE_SUBSCRIPTIONS,
+                  MERCURE_SUBSCRIPTIONS + "/*")
 
     def __init__(self, request, client_address, server,
                  startup_turn: Optional[StartupTurn] = None):
@@ -3633,6 +3706,22 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
 
     # Dispatch: the routes table, else a static file for GET and HEAD.
 
+    def _route_of(self, path: str) -> str:
+        """The routes table's path for `path`: itself, or "<folder>/*" for
+        a path below a folder whose subtree is one route."""
+        if "/" in path[1:]:
+            folder = path[:path.rindex("/")]
+            while folder:
+                if (folder + "/*") in self._subtrees():
+                    return folder + "/*"
+                folder = folder[:folder.rfind("/")]
+        return path
+
+    @classmethod
+    @functools.lru_cache(maxsize=None)
+    def _subtrees(cls) -> frozenset:
+        return frozenset(path for _, path in cls.routes if path.endswith("/*"))
+
     def _dispatch(self) -> None:
         if self.command not in self.methods:
             self.send_error(HTTPStatus.NOT_IMPLEMENTED, f"unsupported method {self.command!r}")
@@ -3647,14 +3736,15 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             if self.server.trusted_proxies:
                 self.client_host = client_host(self.client_address[0], self.headers,
                                                self.server.trusted_proxies)
-            if url.path in self.cors_paths:
+            route = self._route_of(url.path)
+            if route in self.cors_paths:
                 self._cors = cors_headers(self.server.settings.cors_origins,
                                           self.headers.get("Origin"))
             length = self._content_length()
             self._body_pending = length > 0
-            methods = [method for method, path in self.routes if path == url.path]
+            methods = [method for method, path in self.routes if path == route]
             if methods:
-                handler = self.routes.get((self.command, url.path))
+                handler = self.routes.get((self.command, route))
             else:
                 methods = list(self.static_routes)
                 handler = self.static_routes.get(self.command)
@@ -3746,9 +3836,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             lines.append("Connection: close")
         return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
-    def _respond_json(self, payload: dict) -> None:
+    def _respond_json(self, payload: dict, content_type: str = JSON_CONTENT_TYPE) -> None:
         body = json.dumps(payload, ensure_ascii=False).encode("utf-8") + b"\n"
-        self._respond(HTTPStatus.OK, body, content_type=JSON_CONTENT_TYPE)
+        self._respond(HTTPStatus.OK, body, content_type=content_type)
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
@@ -3872,11 +3962,13 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._stream(topics, last_event_id)
 
     def _stream(self, topics: Topics, last_event_id: Optional[str], *,
-                mercure: bool = False, **options) -> None:
+                mercure: bool = False, presence: Optional[tuple[Topics, object]] = None,
+                **options) -> None:
         """Subscribe, stream until the stream ends. It runs for as long as
         the connection lasts, so what this frame holds is held per
         subscriber: the request's leftovers are let go early. `options`
-        go to Broker.subscribe (patterns, authorized)."""
+        go to Broker.subscribe (patterns, authorized); with `presence`
+        (selectors, payload) and --subscriptions, the stream is announced."""
         self.close_connection = True    # the stream ends only by closing
         host = self.client_host
         self.server.take_stream_quota(host)
@@ -3893,6 +3985,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
                             starts_with_reset(replay) else last_event_id))
         del topics, last_event_id, options
         self.server.stream_started(self.connection, subscriber, mercure)
+        announced = (self.server.presence.joined(*presence)
+                     if presence and self.server.presence else None)
+        del presence
         sent_before, reason = self._io.sent, "client_gone"
         try:
             self._start_stream(subscriber, replay, headers)
@@ -3913,6 +4008,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             why = subscriber.close()    # nobody touches the socket from here on: it will close
             self.server.broker.unsubscribe(subscriber)
+            if announced:
+                self.server.presence.left(announced)
             self.server.stream_ended(self.connection, mercure)
             self.server.return_stream_quota(host)
         if why is not None and reason == "client_gone":     # the write failed: it was cut
@@ -4007,7 +4104,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         self._stream_deadline = (None if expires is None else
                                  time.monotonic() + max(0.0, expires - time.time()))
         self._stream(Topics(s for s in selectors if not is_pattern(s)), last_event_id,
-                     mercure=True, patterns=[s for s in selectors if is_pattern(s)],
+                     mercure=True, presence=(selectors, scope.payload if scope else None),
+                     patterns=[s for s in selectors if is_pattern(s)],
                      authorized=access.selector_set(scope.subscribe)
                      if scope and scope.subscribe else None)
 
@@ -4049,6 +4147,37 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             iri_id=True, event_id=_single(fields, "id"))
         self._respond(HTTPStatus.OK, result.id.encode("utf-8"))
 
+    def _handle_mercure_subscriptions(self, url) -> None:
+        """GET /.well-known/mercure/subscriptions[/{topic}[/{subscriber}]]:
+        the active subscriptions as JSON-LD, for a token whose
+        mercure.subscribe matches the path asked for (as sent, encoded)."""
+        presence = self.server.presence
+        if presence is None:
+            raise NotFound("the subscriptions API is off; start the hub with --subscriptions")
+        access = self.server.access
+        claims = access.claims(self._mercure_token(parse_query(url.query)))
+        if claims is None:
+            raise Unauthorized("the subscriptions API needs a token", error="invalid_token")
+        scope = mercure_claims(claims)
+        if not (scope and any(compile_selector(s).matches(url.path) for s in scope.subscribe)):
+            raise Forbidden(f"the token's mercure.subscribe does not match {url.path[:120]}")
+        parts = url.path[len(MERCURE_SUBSCRIPTIONS):].split("/")[1:]
+        if len(parts) > 2 or "" in parts:
+            raise NotFound(f"no such resource: {url.path}")
+        selector, subscriber = [urllib.parse.unquote(part) for part in parts] + [None] * (
+            2 - len(parts))
+        found = presence.documents(selector, subscriber)
+        if subscriber is not None:
+            if not found:
+                raise NotFound("no such active subscription")
+            answer = {"@context": MERCURE_CONTEXT, **found[0]}
+        else:
+            last_id = self.server.broker.last_event_id
+            answer = {"@context": MERCURE_CONTEXT, "id": url.path, "type": "Subscriptions",
+                      "lastEventID": MERCURE_ID_PREFIX + native_id(last_id) if last_id
+                      else EARLIEST, "subscriptions": found}
+        self._respond_json(answer, "application/ld+json")
+
     # The routes: (method, path) -> handler(self, url). A family of routes is
     # a block of lines here plus its methods; a subclass extends the table
     # with {**SSERequestHandler.routes, ...}. Any other GET or HEAD is a file.
@@ -4057,6 +4186,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         ("POST", "/publish"): _handle_publish,
         ("GET", MERCURE_PATH): _handle_mercure_subscribe,
         ("POST", MERCURE_PATH): _handle_mercure_publish,
+        ("GET", MERCURE_SUBSCRIPTIONS): _handle_mercure_subscriptions,      # and below it
+        ("GET", MERCURE_SUBSCRIPTIONS + "/*"): _handle_mercure_subscriptions,
         ("GET", "/healthz"): _handle_healthz,
         ("HEAD", "/healthz"): _handle_healthz,
         ("GET", "/stats"): _handle_stats,
@@ -4352,6 +4483,7 @@ class SSEServer(BurstAcceptMixIn, http.server.ThreadingHTTPServer):
         # open streams, counted rather than derived from _connections because
         # shutdown()'s wait re-checks it at every stream's end (O(n) each, O(n²)
         # with 10,000 streams); and streams per client address.
+        self.presence = Presence(self.broker) if settings.mercure_subscriptions else None
         self._open_streams = 0
         self._mercure_streams = 0       # of them, on /.well-known/mercure
         self._streams_per_ip: collections.Counter[str] = collections.Counter()

@@ -4707,6 +4707,171 @@ class MercureHubTests(ServerTestCase):
         self.assertIn("authorization=[redacted]", lines()[0])
 
 
+class MercurePresenceTests(ServerTestCase):
+    """--subscriptions: subscription updates and the subscriptions API."""
+
+    server_options = {"jwt_secret": SECRET, "mercure_subscriptions": True}
+    ALL = "/.well-known/mercure/subscriptions{/topic}{/subscriber}"
+    watcher_token = token(mercure={"subscribe": [ALL], "payload": {"role": "admin"}})
+
+    def hub(self, *selectors, **query):
+        return self.subscribe(mercure_query(*selectors, **query), path=MERCURE)
+
+    def api(self, path, token_text=watcher_token):
+        headers = {"Authorization": f"Bearer {token_text}"} if token_text else {}
+        status, headers, body = http_request(self.port, "GET", path, headers=headers)
+        return status, headers, json.loads(body) if status == 200 else body
+
+    def test_subscribe_and_disconnect_are_private_updates_on_the_subscriptions_topic(self):
+        watcher = self.hub(self.ALL, authorization=self.watcher_token)
+        anonymous = self.hub(self.ALL)
+        own = json.loads(watcher.next_event().data)     # its own subscription, first
+        self.assertEqual((own["topic"], own["active"], own["payload"]),
+                         (self.ALL, True, {"role": "admin"}))
+        theirs = json.loads(watcher.next_event().data)  # the anonymous one's (no payload)
+        self.assertEqual((theirs["topic"], "payload" in theirs), (self.ALL, False))
+        reader = token(mercure={"subscribe": ["urn:x"], "payload": {"user": 7}})
+        client = self.hub("https://example.com/books/{id}", "urn:a", authorization=reader)
+        joined = [json.loads(e.data) for e in watcher.take(2)]
+        subscriber = joined[0]["subscriber"]
+        self.assertRegex(subscriber, r"^urn:uuid:[0-9a-f-]{36}$")
+        quote = lambda text: urllib.parse.quote(text, safe="")
+        self.assertEqual(joined[0], {
+            "@context": "https://mercure.rocks/",
+            "id": f"/.well-known/mercure/subscriptions/{quote('https://example.com/books/{id}')}"
+                  f"/{quote(subscriber)}",
+            "type": "Subscription", "topic": "https://example.com/books/{id}",
+            "subscriber": subscriber, "active": True, "payload": {"user": 7}})
+        self.assertEqual((joined[1]["topic"], joined[1]["subscriber"]), ("urn:a", subscriber))
+        client.close()
+        left = [json.loads(e.data) for e in watcher.take(2)]
+        self.assertEqual([(d["topic"], d["active"]) for d in left],
+                         [("https://example.com/books/{id}", False), ("urn:a", False)])
+        # The anonymous subscriber to the same selector saw none of it.
+        # (the marker comes from the API: publishers may not use the hub's topics)
+        assert_nothing_else(self, [anonymous], lambda topic, data: self.server.broker.publish(
+            sse_server.validate_iris([topic]), data), self.ALL)
+
+    def test_the_subscriptions_api(self):
+        reader = token(mercure={"subscribe": [], "payload": "p"})
+        self.hub("urn:a", authorization=reader)
+        self.hub("urn:a", "urn:b")
+        wait_until(lambda: self.server.stats()["mercure_subscribers"] == 2)
+        status, headers, everything = self.api(sse_server.MERCURE_SUBSCRIPTIONS)
+        self.assertEqual((status, headers["Content-Type"]), (200, "application/ld+json"))
+        self.assertEqual((everything["@context"], everything["id"], everything["type"]),
+                         ("https://mercure.rocks/", "/.well-known/mercure/subscriptions",
+                          "Subscriptions"))
+        self.assertEqual(everything["lastEventID"],
+                         "urn:sse:" + sse_server.native_id(self.server.broker.last_event_id))
+        self.assertEqual(sorted(d["topic"] for d in everything["subscriptions"]),
+                         ["urn:a", "urn:a", "urn:b"])
+        self.assertTrue(all("@context" not in d for d in everything["subscriptions"]))
+        status, _, of_a = self.api(f"{sse_server.MERCURE_SUBSCRIPTIONS}/urn%3Aa")
+        self.assertEqual((status, len(of_a["subscriptions"])), (200, 2))
+        one = of_a["subscriptions"][0]
+        status, _, single = self.api(one["id"])
+        self.assertEqual(single, {"@context": "https://mercure.rocks/", **one})
+        for path, expected in [(f"{sse_server.MERCURE_SUBSCRIPTIONS}/urn%3Aa/urn%3Auuid%3Ax", 404),
+                               (f"{sse_server.MERCURE_SUBSCRIPTIONS}/a/b/c", 404)]:
+            with self.subTest(path=path):
+                self.assertEqual(self.api(path)[0], expected)
+        self.assertEqual(self.api(sse_server.MERCURE_SUBSCRIPTIONS, None)[0], 401)
+        narrow = token(mercure={"subscribe": [sse_server.MERCURE_SUBSCRIPTIONS + "/urn%3Ab{/s}"]})
+        self.assertEqual(self.api(sse_server.MERCURE_SUBSCRIPTIONS, narrow)[0], 403)
+        status, _, of_b = self.api(f"{sse_server.MERCURE_SUBSCRIPTIONS}/urn%3Ab", narrow)
+        self.assertEqual([d["topic"] for d in of_b["subscriptions"]], ["urn:b"])
+        status, headers, _ = http_request(self.port, "POST", sse_server.MERCURE_SUBSCRIPTIONS)
+        self.assertEqual((status, headers["Allow"]), (405, "GET, OPTIONS"))
+
+    def test_off_by_default(self):
+        self.use_server(jwt_secret=SECRET)
+        self.assertEqual(self.api(sse_server.MERCURE_SUBSCRIPTIONS)[0], 404)
+        self.assertIsNone(self.server.presence)
+        self.assertEqual(self.server.broker.events_published, 0)
+        self.hub("urn:a")
+        self.subscribed(1)
+        self.assertEqual(self.server.broker.events_published, 0)    # nothing announced
+
+
+PHP = shutil.which("php")
+SYMFONY_MERCURE = "/usr/share/php/Symfony/Component/Mercure/autoload.php"   # Debian's
+REQUIRE_MERCURE_CLIENT = os.environ.get("SSE_REQUIRE_MERCURE_CLIENT") == "1"
+SYMFONY_PUBLISHER = r"""<?php
+// argv: hub URL, JWT. Each line of stdin, a JSON update, is published with
+// the Symfony Mercure component; each answer (the update's id) is printed.
+require_once 'Symfony/Component/Mercure/autoload.php';
+require_once 'Symfony/Component/HttpClient/autoload.php';
+use Symfony\Component\Mercure\Hub;
+use Symfony\Component\Mercure\Jwt\StaticTokenProvider;
+use Symfony\Component\Mercure\Update;
+
+$hub = new Hub($argv[1], new StaticTokenProvider($argv[2]));
+while (($line = fgets(STDIN)) !== false) {
+    $u = json_decode($line, true);
+    echo $hub->publish(new Update($u['topics'], $u['data'], $u['private'] ?? false,
+                                  $u['id'] ?? null, $u['type'] ?? null,
+                                  $u['retry'] ?? null)), "\n";
+}
+"""
+
+
+@unittest.skipUnless((PHP and os.path.exists(SYMFONY_MERCURE)) or REQUIRE_MERCURE_CLIENT,
+                     "php or Symfony's Mercure component not found (apt-get install php-cli "
+                     "php-symfony-mercure); set SSE_REQUIRE_MERCURE_CLIENT=1 to fail instead")
+class SymfonyMercureTests(ServerTestCase):
+    """Publishing through a real client: Symfony's Mercure component (the
+    one Symfony and API Platform use), as Debian packages it."""
+
+    server_options = {"jwt_secret": SECRET}
+
+    def publish_with_symfony(self, updates: list[dict], token_text: str) -> list[str]:
+        if not (PHP and os.path.exists(SYMFONY_MERCURE)):
+            self.fail("SSE_REQUIRE_MERCURE_CLIENT=1 but php or php-symfony-mercure is missing")
+        folder = tempfile.mkdtemp(prefix="sse-symfony-")
+        self.addCleanup(shutil.rmtree, folder)
+        script = os.path.join(folder, "publish.php")
+        with open(script, "w") as file:
+            file.write(SYMFONY_PUBLISHER)
+        done = subprocess.run([PHP, script, f"http://127.0.0.1:{self.port}{MERCURE}",
+                               token_text], input="".join(json.dumps(u) + "\n" for u in updates),
+                              capture_output=True, text=True, timeout=WAIT_S)
+        self.assertEqual(done.returncode, 0, done.stderr[-2000:])
+        return done.stdout.splitlines()
+
+    def test_updates_published_by_symfony_arrive_exactly(self):
+        reader = token(mercure={"subscribe": ["https://example.com/users/{id}"]})
+        anonymous = self.subscribe(mercure_query("https://example.com/books/{id}"), path=MERCURE)
+        allowed = self.subscribe(mercure_query("https://example.com/books/{id}",
+                                               authorization=reader), path=MERCURE)
+        self.subscribed(2)
+        ids = self.publish_with_symfony([
+            {"topics": ["https://example.com/books/1"], "data": "a b+c\n\n  indented",
+             "type": "book", "retry": 2500, "id": "https://example.com/books/1/rev/1"},
+            {"topics": ["https://example.com/books/1", "https://example.com/users/7"],
+             "data": "{\"secret\": true}", "private": True},
+            {"topics": "https://example.com/books/2", "data": "caf\u00e9 \u263a"},
+        ], token(mercure={"publish": ["*"]}))
+        self.assertEqual(ids[0], "https://example.com/books/1/rev/1")
+        self.assertRegex(ids[1], r"^urn:sse:[0-9a-f]{8}-2$")
+        got = [(e.type, e.data, e.id) for e in allowed.take(3)]
+        self.assertEqual(got, [("book", "a b+c\n\n  indented", ids[0]),
+                               ("message", '{"secret": true}', ids[1]),
+                               ("message", "caf\u00e9 \u263a", ids[2])])
+        self.assertEqual(allowed.parser.retry, 2500)
+        self.assertEqual([e.data for e in anonymous.take(2)],
+                         ["a b+c\n\n  indented", "caf\u00e9 \u263a"])
+
+    def test_symfony_sees_a_refusal_as_a_failure(self):
+        done = None
+        with self.assertRaises(AssertionError) as caught:
+            done = self.publish_with_symfony([{"topics": "urn:a", "data": "x"}],
+                                             token(mercure={"publish": ["urn:b"]}))
+        self.assertIsNone(done)
+        self.assertIn("Failed to send an update", str(caught.exception))
+        self.assertEqual(self.server.broker.events_published, 0)
+
+
 class MercureWithoutKeyTests(ServerTestCase):
     """No JWT key: the loopback rule, as for /publish."""
 
