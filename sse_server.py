@@ -223,6 +223,7 @@ def _option(default, flag: str, help: str, *, metavar: Optional[str] = None,
 _SECURITY = "access control and hardening"
 _STORE = "history across restarts"
 _REDIS = "several instances (Redis)"
+_MERCURE = "the Mercure hub (/.well-known/mercure)"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +301,7 @@ class Settings:
                                  "no anonymous subscribers)", group=_SECURITY)
     mercure_subscriptions: bool = _option(
         False, "--subscriptions", "Mercure: publish an update at every subscribe and "
-        "disconnect, and serve the subscriptions API (presence)", group=_SECURITY)
+        "disconnect, and serve the subscriptions API (presence)", group=_MERCURE)
     cors_origins: tuple = _option((), "--cors-origin",
                                   "let browsers on this origin (or *, without credentials) "
                                   "use /events, /publish and the Mercure hub; repeatable",
