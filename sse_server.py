@@ -1247,9 +1247,8 @@ class AccessPolicy:
             return None
         if self.jwt_keys:
             claims = self.claims(token)
-            if claims is None:      # (the Mercure draft: no error code when no token came)
-                raise Unauthorized("publishing needs a token",
-                                   error=None if mercure else "invalid_token")
+            if claims is None:
+                raise Unauthorized("publishing needs a token", error="invalid_token")
             if not mercure:
                 return _claimed_selectors(claims, "publish")
             scope = mercure_claims(claims)
@@ -2239,7 +2238,7 @@ class Broker:
                                private: bool = False) -> list[Subscriber]:
         """Who gets an event of `topics`: exact topics are one dictionary
         lookup each; the selectors matching a topic are worked out once per
-        topic (see _patterns_matching_locked), however many use them."""
+        topic (see _patterns_matching_locked), whoever many use them."""
         by_topic = self._subscribers_by_topic
         if len(topics) == 1 and not self._patterns:
             subscribers = list(by_topic.get(topics[0], ()))
@@ -4084,16 +4083,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _handle_mercure_subscribe(self, url) -> None:
         """GET /.well-known/mercure?topic=SELECTOR (repeatable): a stream of
         the updates whose topics (canonical or alternate) a selector matches;
-        private ones only if the token's mercure.subscribe allows them.
-        (What the check works out is all the stream's frame keeps.)"""
-        topics, last_event_id, options = self._check_mercure_request(url.query)
-        self._stream(topics, last_event_id, mercure=True, **options)
-
-    def _check_mercure_request(self, query_text: str) -> tuple[Topics, Optional[str], dict]:
-        """The exact topics, Last-Event-ID and the rest of the stream's
-        options (selectors, who may see private updates) of a hub subscribe,
-        or an HTTPError. Sets the stream's deadline if the token has exp."""
-        query = parse_query(query_text)
+        private ones only if the token's mercure.subscribe allows them."""
+        query = parse_query(url.query)
         selectors = validate_iris(query.get("topic", []), "topic")
         for selector in selectors:
             try:
@@ -4106,17 +4097,18 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("GET /.well-known/mercure takes no body")
         access = self.server.access
         claims = access.claims(self._mercure_token(query))     # a bad token: 401
-        if claims is None and access.require_auth:     # (no token: no error code, RFC 6750)
-            raise Unauthorized("subscribing needs a token (--require-auth)")
+        if claims is None and access.require_auth:
+            raise Unauthorized("subscribing needs a token (--require-auth)",
+                               error="invalid_token")
         scope = mercure_claims(claims)
         expires = claims.get("exp") if claims else None
         self._stream_deadline = (None if expires is None else
                                  time.monotonic() + max(0.0, expires - time.time()))
-        return Topics(s for s in selectors if not is_pattern(s)), last_event_id, {
-            "presence": (selectors, scope.payload if scope else None),
-            "patterns": [s for s in selectors if is_pattern(s)],
-            "authorized": access.selector_set(scope.subscribe)
-            if scope and scope.subscribe else None}
+        self._stream(Topics(s for s in selectors if not is_pattern(s)), last_event_id,
+                     mercure=True, presence=(selectors, scope.payload if scope else None),
+                     patterns=[s for s in selectors if is_pattern(s)],
+                     authorized=access.selector_set(scope.subscribe)
+                     if scope and scope.subscribe else None)
 
     def _handle_mercure_publish(self, url) -> None:
         """POST /.well-known/mercure, a form: topic (repeatable: the first is
@@ -4166,7 +4158,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         access = self.server.access
         claims = access.claims(self._mercure_token(parse_query(url.query)))
         if claims is None:
-            raise Unauthorized("the subscriptions API needs a token")
+            raise Unauthorized("the subscriptions API needs a token", error="invalid_token")
         scope = mercure_claims(claims)
         if not (scope and any(compile_selector(s).matches(url.path) for s in scope.subscribe)):
             raise Forbidden(f"the token's mercure.subscribe does not match {url.path[:120]}")
@@ -4176,15 +4168,15 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         selector, subscriber = [urllib.parse.unquote(part) for part in parts] + [None] * (
             2 - len(parts))
         found = presence.documents(selector, subscriber)
-        last_id = self.server.broker.last_event_id
-        last_id = MERCURE_ID_PREFIX + native_id(last_id) if last_id else EARLIEST
         if subscriber is not None:
             if not found:
                 raise NotFound("no such active subscription")
-            answer = {"@context": MERCURE_CONTEXT, **found[0], "lastEventID": last_id}
+            answer = {"@context": MERCURE_CONTEXT, **found[0]}
         else:
+            last_id = self.server.broker.last_event_id
             answer = {"@context": MERCURE_CONTEXT, "id": url.path, "type": "Subscriptions",
-                      "lastEventID": last_id, "subscriptions": found}
+                      "lastEventID": MERCURE_ID_PREFIX + native_id(last_id) if last_id
+                      else EARLIEST, "subscriptions": found}
         self._respond_json(answer, "application/ld+json")
 
     # The routes: (method, path) -> handler(self, url). A family of routes is
