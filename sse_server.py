@@ -1247,8 +1247,9 @@ class AccessPolicy:
             return None
         if self.jwt_keys:
             claims = self.claims(token)
-            if claims is None:
-                raise Unauthorized("publishing needs a token", error="invalid_token")
+            if claims is None:      # (the Mercure draft: no error code when no token came)
+                raise Unauthorized("publishing needs a token",
+                                   error=None if mercure else "invalid_token")
             if not mercure:
                 return _claimed_selectors(claims, "publish")
             scope = mercure_claims(claims)
@@ -2085,15 +2086,16 @@ class Broker:
         closed. A `private` event reaches only subscribers whose token
         allows one of its topics; `iri_id` gives the id its IRI form
         (urn:sse:..., for the Mercure route). `event_id` is the publisher's
-        own id, used if the history keeps such ids (else ignored, as the
-        Mercure draft allows): Conflict (409) while an event of that id is
-        held, BadRequest if it is of the wrong form."""
+        own id: BadRequest if it is of the wrong form, whatever the history;
+        used if the history keeps such ids (else ignored, as the Mercure
+        draft allows), Conflict (409) while an event of that id is held."""
         topic_list, text = _prepare_event(topics, data, event, retry)
+        if event_id is not None:
+            event_id = check_publisher_id(event_id, self.history.run_id)
         if self._closed:
             raise ServiceUnavailable("server is shutting down")
         if event_id is not None and self.history.keeps_publisher_ids:
-            return self._publish_named(topic_list, text, event, retry, private,
-                                       check_publisher_id(event_id, self.history.run_id))
+            return self._publish_named(topic_list, text, event, retry, private, event_id)
         return self._publish(topic_list, text, event, retry, private, iri_id)
 
     def _publish_named(self, topic_list, text, event, retry, private, event_id) -> Published:
@@ -2238,7 +2240,7 @@ class Broker:
                                private: bool = False) -> list[Subscriber]:
         """Who gets an event of `topics`: exact topics are one dictionary
         lookup each; the selectors matching a topic are worked out once per
-        topic (see _patterns_matching_locked), whoever many use them."""
+        topic (see _patterns_matching_locked), however many use them."""
         by_topic = self._subscribers_by_topic
         if len(topics) == 1 and not self._patterns:
             subscribers = list(by_topic.get(topics[0], ()))
@@ -4097,9 +4099,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             raise BadRequest("GET /.well-known/mercure takes no body")
         access = self.server.access
         claims = access.claims(self._mercure_token(query))     # a bad token: 401
-        if claims is None and access.require_auth:
-            raise Unauthorized("subscribing needs a token (--require-auth)",
-                               error="invalid_token")
+        if claims is None and access.require_auth:     # (no token: no error code, RFC 6750)
+            raise Unauthorized("subscribing needs a token (--require-auth)")
         scope = mercure_claims(claims)
         expires = claims.get("exp") if claims else None
         self._stream_deadline = (None if expires is None else
@@ -4158,7 +4159,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         access = self.server.access
         claims = access.claims(self._mercure_token(parse_query(url.query)))
         if claims is None:
-            raise Unauthorized("the subscriptions API needs a token", error="invalid_token")
+            raise Unauthorized("the subscriptions API needs a token")
         scope = mercure_claims(claims)
         if not (scope and any(compile_selector(s).matches(url.path) for s in scope.subscribe)):
             raise Forbidden(f"the token's mercure.subscribe does not match {url.path[:120]}")
@@ -4168,15 +4169,15 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         selector, subscriber = [urllib.parse.unquote(part) for part in parts] + [None] * (
             2 - len(parts))
         found = presence.documents(selector, subscriber)
+        last_id = self.server.broker.last_event_id
+        last_id = MERCURE_ID_PREFIX + native_id(last_id) if last_id else EARLIEST
         if subscriber is not None:
             if not found:
                 raise NotFound("no such active subscription")
-            answer = {"@context": MERCURE_CONTEXT, **found[0]}
+            answer = {"@context": MERCURE_CONTEXT, **found[0], "lastEventID": last_id}
         else:
-            last_id = self.server.broker.last_event_id
             answer = {"@context": MERCURE_CONTEXT, "id": url.path, "type": "Subscriptions",
-                      "lastEventID": MERCURE_ID_PREFIX + native_id(last_id) if last_id
-                      else EARLIEST, "subscriptions": found}
+                      "lastEventID": last_id, "subscriptions": found}
         self._respond_json(answer, "application/ld+json")
 
     # The routes: (method, path) -> handler(self, url). A family of routes is
