@@ -190,6 +190,10 @@ FORM_CONTENT_TYPE = "application/x-www-form-urlencoded"
 EVENT_STREAM_CONTENT_TYPE = "text/event-stream; charset=utf-8"
 TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
 JSON_CONTENT_TYPE = "application/json"
+# A status's code and phrase, looked up once: reading an enum member's
+# .value or .phrase is a descriptor call, and every response needs both.
+_STATUS_CODES = {status: status.value for status in HTTPStatus}
+_STATUS_PHRASES = {status: status.phrase for status in HTTPStatus}
 # The demo page is written to work under this policy: no inline script or style.
 CONTENT_SECURITY_POLICY = (
     "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
@@ -890,6 +894,7 @@ def resolve_static_path(root: str, url_path: str) -> Optional[str]:
 
 # --- Access control: publish token, JWT (HS256), topic selectors, rate limits ---
 
+@functools.lru_cache(maxsize=1024)     # asked on every publish: parsing costs ~30 µs
 def is_loopback(host: str) -> bool:
     address = _address(host)
     return address is not None and address.is_loopback
@@ -3811,9 +3816,9 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
             headers = [("Content-Type", content_type), ("Content-Length", str(len(body))),
                        *headers]
         head = self._head(status, headers)
-        self._status = status.value
+        self._status = code = _STATUS_CODES[status]
         self._io.send_all(head if self.command == "HEAD" else head + body)
-        self.log_request(status.value, len(body) if self.command != "HEAD" else 0)
+        self.log_request(code, len(body) if self.command != "HEAD" else 0)
 
     _date_cache = (0, "")     # (second, Date header text): formatting it is not free
 
@@ -3830,7 +3835,7 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _head(self, status: HTTPStatus, headers: Iterable[tuple[str, str]]) -> bytes:
         """Status line and headers (with CORS and Connection: close as due).
         Every value is checked: no CR, LF or NUL reaches the wire."""
-        lines = [f"{self.protocol_version} {status.value} {status.phrase}",
+        lines = [f"{self.protocol_version} {_STATUS_CODES[status]} {_STATUS_PHRASES[status]}",
                  f"Server: {self.version_string()}", f"Date: {self.date_time_string()}"]
         for name, value in [*headers, *self._cors]:
             _check_field(name, value)
@@ -4085,8 +4090,24 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _handle_mercure_subscribe(self, url) -> None:
         """GET /.well-known/mercure?topic=SELECTOR (repeatable): a stream of
         the updates whose topics (canonical or alternate) a selector matches;
-        private ones only if the token's mercure.subscribe allows them."""
-        query = parse_query(url.query)
+        private ones only if the token's mercure.subscribe allows them.
+
+        The check is a function of its own so that this frame, which lasts
+        as long as the stream, keeps only what the stream needs (the query,
+        the token's claims and the selector list are let go), and _stream is
+        called with plain keywords: a call with **options would run it in a
+        C frame of its own, a page deeper in the thread's stack."""
+        topics, last_event_id, patterns, authorized, presence = (
+            self._check_mercure_request(url.query))
+        self._stream(topics, last_event_id, mercure=True, presence=presence,
+                     patterns=patterns, authorized=authorized)
+
+    def _check_mercure_request(self, query_text: str) -> tuple:
+        """(exact topics, Last-Event-ID, template selectors, the selectors
+        that allow private updates or None, (selectors, payload) for
+        --subscriptions or None) of a hub subscribe, or
+        an HTTPError. Sets the stream's deadline if the token has exp."""
+        query = parse_query(query_text)
         selectors = validate_iris(query.get("topic", []), "topic")
         for selector in selectors:
             try:
@@ -4105,11 +4126,10 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
         expires = claims.get("exp") if claims else None
         self._stream_deadline = (None if expires is None else
                                  time.monotonic() + max(0.0, expires - time.time()))
-        self._stream(Topics(s for s in selectors if not is_pattern(s)), last_event_id,
-                     mercure=True, presence=(selectors, scope.payload if scope else None),
-                     patterns=[s for s in selectors if is_pattern(s)],
-                     authorized=access.selector_set(scope.subscribe)
-                     if scope and scope.subscribe else None)
+        return (Topics(s for s in selectors if not is_pattern(s)), last_event_id,
+                [s for s in selectors if is_pattern(s)],
+                access.selector_set(scope.subscribe) if scope and scope.subscribe else None,
+                (selectors, scope.payload if scope else None) if self.server.presence else None)
 
     def _handle_mercure_publish(self, url) -> None:
         """POST /.well-known/mercure, a form: topic (repeatable: the first is
