@@ -90,6 +90,7 @@ import base64
 import binascii
 import bisect
 import collections
+import contextlib
 import dataclasses
 import errno
 import functools
@@ -3168,24 +3169,30 @@ class SQLiteHistory(History):
         if found is not None:
             return found
         cutoff = self.retention.cutoff(self._clock())
+        with self._reading("an id lookup") as db:
+            row = db.execute(
+                "SELECT seq FROM events WHERE event_id = ? AND created >= ? LIMIT 1",
+                (event_id, -math.inf if cutoff is None else cutoff)).fetchone()
+        return None if row is None else format_event_id(self.run_id, row[0])
+
+    @contextlib.contextmanager
+    def _reading(self, what: str):
+        """The file, to read with the lock held: ServiceUnavailable (503) once
+        closed, or if SQLite fails (logged, with `what` was being read)."""
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("server is shutting down")
             try:
                 self._recover_if_stale()
-                row = self._db.execute(
-                    "SELECT seq FROM events WHERE event_id = ? AND created >= ? LIMIT 1",
-                    (event_id, -math.inf if cutoff is None else cutoff)).fetchone()
+                yield self._db
             except sqlite3.Error as error:
+                logger.warning("event store %s: %s failed: %s", self.path, what, error)
                 raise ServiceUnavailable(f"the event store cannot be read: {error}",
                                          retry_after_s=STORE_RETRY_AFTER_S) from None
-        return None if row is None else format_event_id(self.run_id, row[0])
 
     def _read(self, selection: Subscriber, after: int, upto: int) -> tuple[bool, list[bytes]]:
         """As MemoryHistory.events_between, from the file."""
-        with self._lock:
-            if self._closed:
-                raise ServiceUnavailable("server is shutting down")
+        with self._reading("a replay") as db:
             topics = list(selection.topics)
             gone = self.retention.newest_forgotten() if selection.patterns else 0
             topics += [name for name in self._topics if name not in selection.topics
@@ -3195,26 +3202,19 @@ class SQLiteHistory(History):
             marks = ",".join("?" * len(topics))
             where = f"topic IN ({marks}) AND seq > ? AND seq <= ?"
             params = [*topics, after, upto]
-            try:
-                db = self._db
-                self._recover_if_stale()
-                evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
-                                          f"WHERE topic IN ({marks})", topics))
-                gone = max(gone, *(evicted.get(topic, self.retention.forgotten_through(topic))
-                                   for topic in topics))
-                cutoff = self.retention.cutoff(self._clock())
-                if cutoff is not None:
-                    expired = db.execute(f"SELECT MAX(seq) FROM events WHERE {where} "
-                                         f"AND created < ?", [*params, cutoff]).fetchone()[0]
-                    gone = max(gone, expired or 0)
-                    where += " AND created >= ?"
-                    params.append(cutoff)
-                rows = db.execute(f"SELECT seq, frame, private_topics FROM events "
-                                  f"WHERE {where} ORDER BY seq", params).fetchall()
-            except sqlite3.Error as error:
-                logger.warning("event store %s: replay failed: %s", self.path, error)
-                raise ServiceUnavailable(f"the event store cannot be read: {error}",
-                                         retry_after_s=STORE_RETRY_AFTER_S) from None
+            evicted = dict(db.execute(f"SELECT topic, evicted_through FROM topics "
+                                      f"WHERE topic IN ({marks})", topics))
+            gone = max(gone, *(evicted.get(topic, self.retention.forgotten_through(topic))
+                               for topic in topics))
+            cutoff = self.retention.cutoff(self._clock())
+            if cutoff is not None:
+                expired = db.execute(f"SELECT MAX(seq) FROM events WHERE {where} "
+                                     f"AND created < ?", [*params, cutoff]).fetchone()[0]
+                gone = max(gone, expired or 0)
+                where += " AND created >= ?"
+                params.append(cutoff)
+            rows = db.execute(f"SELECT seq, frame, private_topics FROM events "
+                              f"WHERE {where} ORDER BY seq", params).fetchall()
         frames = {seq: frame for seq, frame, private_topics in rows     # an event on two
                   if private_topics is None or selection.may_see(       # topics is there twice
                       tuple(json.loads(private_topics)), True)}

@@ -3350,6 +3350,28 @@ class StoreTests(unittest.TestCase):
         _, replay = broker.subscribe(["far"], last_event_id=ids[36])    # in the cache
         self.assertEqual([e.data for e in events_of(replay)], ["37", "38", "39"])
 
+    def test_a_file_that_cannot_be_read_is_a_503_for_replays_and_id_lookups(self):
+        broker = self.open(cache_size=1)
+        first = broker.publish("a", "one").id
+        broker.publish("a", "named", event_id="urn:x")
+        broker.publish("a", "newer")    # the cache holds only this one
+        history = broker.history    # the file breaks, through the store's own connection
+        with history._lock:         # (it may hold the file exclusively: portable mode)
+            history._db.execute("ALTER TABLE events RENAME TO gone")
+        for what, read in [("a replay", lambda: broker.subscribe(["a"], last_event_id=first)),
+                           ("an id lookup", lambda: broker.history.find("urn:x"))]:
+            with self.subTest(what=what), self.assertLogs(sse_server.logger, "WARNING") as logs:
+                with self.assertRaises(sse_server.ServiceUnavailable) as raised:
+                    read()
+                self.assertIn("the event store cannot be read", raised.exception.reason)
+                self.assertIn(f"{what} failed", logs.output[0])
+        with history._lock:
+            history._db.execute("ALTER TABLE gone RENAME TO events")
+        self.assertEqual(broker.history.find("urn:x"), f"{broker.run_id}-2")  # its position
+        _, replay = broker.subscribe(["a"], last_event_id=first)
+        self.assertEqual([(e.id, e.data) for e in events_of(replay)],
+                         [("urn:x", "named"), (f"{broker.run_id}-3", "newer")])
+
     def test_the_file_stays_about_the_size_of_what_is_retained(self):
         """100,000 events with history 100 on a few topics: old rows go as
         new ones come. Concurrent publishers, so commits batch as they do
