@@ -9,6 +9,8 @@
     python3 bench/bench.py --store              # + ours with --store (SQLite, synced)
     python3 bench/bench.py --mercure            # + ours through /.well-known/mercure: exact
                                                 #   topics, and a URI template per subscriber
+    python3 bench/bench.py --runs 3             # everything three times: medians and ranges
+    python3 bench/bench.py --one-core           # servers on one CPU, the load on the other
 
 The load generator (bench/loadgen.c) is compiled with the machine's gcc at
 run time; it holds the subscriber connections on one epoll loop and reports
@@ -16,7 +18,9 @@ deliveries/s, publishes/s, latency percentiles (every event carries its
 CLOCK_MONOTONIC send time), lost events, connect time and its own CPU use.
 Each server runs as a fresh process per scenario; its RSS with every
 subscriber connected and idle, and its CPU seconds, are read from /proc.
-Results print as a Markdown table and are saved under bench/results/.
+Results print as a Markdown table, with ratios of the medians against
+nginx+nchan (with --compare) and against our server in its default mode
+(with the other columns of ours), and are saved under bench/results/.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import platform
 import resource
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -55,6 +60,20 @@ SCENARIO_TEXT = {
     "S4": "5,000 subscribers, 2 events/s, 10 s",
     "S5": "10,000 subscribers, 1 event/s, 10 s",
 }
+
+
+# With --one-core: the CPUs each role may run on ("server": every server and
+# what it forks, nginx's worker and redis-server included; "loadgen").
+PINNED: dict[str, set[int]] = {}
+
+
+def popen(command: list[str], role: str = "server", **options) -> subprocess.Popen:
+    """subprocess.Popen, on the role's CPUs when pinned (as `taskset` would:
+    set before the exec, inherited by every process it forks)."""
+    cpus = PINNED.get(role)
+    if cpus:
+        options["preexec_fn"] = lambda: os.sched_setaffinity(0, cpus)
+    return subprocess.Popen(command, **options)
 
 
 def free_port() -> int:
@@ -140,7 +159,7 @@ class OurServer(Target):
                 "--log-level", self.log_level, "--max-clients", "19000", *self.extra]
 
     def start(self, port):
-        return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL)
+        return popen(self.command(port), stdout=subprocess.DEVNULL)
 
 
 class DefaultLogServer(OurServer):
@@ -152,8 +171,8 @@ class DefaultLogServer(OurServer):
     scenarios = ("S5",)
 
     def start(self, port):      # the log goes to stderr: written, and thrown away
-        return subprocess.Popen(self.command(port), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL)
+        return popen(self.command(port), stdout=subprocess.DEVNULL,
+                     stderr=subprocess.DEVNULL)
 
 
 class StoreServer(OurServer):
@@ -233,9 +252,8 @@ class PortableServer(OurServer):
     name = "sse_server.py portable"
 
     def start(self, port):
-        return subprocess.Popen([sys.executable, "-c", PORTABLE_MAIN, ROOT,
-                                 *self.command(port)[2:]],
-                                stdout=subprocess.DEVNULL, env=dict(os.environ, SSE_PORTABLE="1"))
+        return popen([sys.executable, "-c", PORTABLE_MAIN, ROOT, *self.command(port)[2:]],
+                     stdout=subprocess.DEVNULL, env=dict(os.environ, SSE_PORTABLE="1"))
 
 
 def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dict:
@@ -256,7 +274,7 @@ def run_scenario(loadgen: str, target: Target, scenario: str, ports=None) -> dic
         env = dict(os.environ)
         if target.form_topic:
             env["LOADGEN_FORM_TOPIC"] = target.form_topic
-        generator = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
+        generator = popen(command, "loadgen", stdout=subprocess.PIPE, text=True, env=env)
         line = generator.stdout.readline()
         if line.strip() != "connected":
             generator.wait()
@@ -285,50 +303,112 @@ def compile_loadgen(folder: str) -> str:
     return binary
 
 
-def markdown(results: dict[str, dict[str, dict]], scenarios: list[str]) -> str:
+# The summary table's rows: label, scenario, the result's key, its format,
+# its unit, and (for a paced scenario) the publish rate asked for, shown
+# beside the rate held. Each cell is the median of the runs, with their
+# range when there were several.
+ROWS = [("S1 deliveries/s", "S1", "deliveries_per_s", "{:,.0f}", "", None),
+        ("S1 p99 latency", "S1", "p99_ms", "{:.1f}", " ms", None),
+        ("S2 p99 latency", "S2", "p99_ms", "{:.1f}", " ms", None),
+        ("S3 publishes/s", "S3", "publishes_per_s", "{:,.0f}", "", None),
+        ("S3 deliveries/s", "S3", "deliveries_per_s", "{:,.0f}", "", None),
+        ("S4 p99 latency / rate held", "S4", "p99_ms", "{:.1f}", " ms", 2),
+        ("S5 p99 latency / rate held", "S5", "p99_ms", "{:.1f}", " ms", 1),
+        ("connect 10k subscribers", "S5", "connect_s", "{:.2f}", " s", None),
+        ("RSS per idle subscriber (10k)", "S5", "rss_per_subscriber_kib", "{:.2f}", " KiB", None)]
+STORE_ROW = ("S3 store: ms per commit", "S3", "store_ms_per_commit", "{:.2f}", " ms", None)
+STORE_BATCH_ROW = ("S3 store: events per commit", "S3", "store_events_per_commit", "{:.1f}",
+                   "", None)
+NCHAN = "nginx + nchan (1 worker)"
+
+
+def summarize(runs: list[dict]) -> dict:
+    """One target's runs of one scenario: for every figure its median,
+    lowest and highest ({key: (median, low, high)}), the events lost in all
+    runs, and the first error if none ran."""
+    done = [run for run in runs if "error" not in run]
+    if not done:
+        return {"error": runs[0]["error"]}
+    figures = {}
+    for key, value in done[0].items():
+        if isinstance(value, (int, float)):
+            values = [run[key] for run in done if key in run]
+            figures[key] = (statistics.median(values), min(values), max(values))
+    figures["lost"] = (sum(run.get("lost", 0) for run in done),) * 3
+    figures["failed_runs"] = (len(runs) - len(done),) * 3
+    return figures
+
+
+def cell(summary: dict, row: tuple, runs: int) -> str:
+    label, scenario, key, form, unit, rate = row
+    if scenario not in summary:
+        return "–"
+    figures = summary[scenario]
+    if "error" in figures:
+        return "failed"
+    if key not in figures:
+        return "–"
+    median, low, high = figures[key]
+    text = form.format(median) + unit
+    if runs > 1:
+        text += f" ({form.format(low)}–{form.format(high)})"
+    if rate is not None:
+        text += f" / {figures['publishes_per_s'][0]:.2f} of {rate}"
+    if figures["failed_runs"][0]:
+        text += f", {figures['failed_runs'][0]} of {runs} runs failed"
+    return text
+
+
+def ratio(summary: dict, base: dict, row: tuple) -> str:
+    scenario, key = row[1], row[2]
+    try:
+        ours, theirs = summary[scenario][key][0], base[scenario][key][0]
+    except KeyError:        # not run, or failed
+        return "–"
+    return f"{ours / theirs:.2f}×" if theirs else "–"
+
+
+def markdown(results: dict[str, dict[str, list[dict]]], scenarios: list[str],
+             runs: int) -> str:
+    summaries = {name: {scenario: summarize(found) for scenario, found in by_scenario.items()}
+                 for name, by_scenario in results.items()}
     names = list(results)
-    rows = [("S1 deliveries/s", "S1", lambda r: f"{r['deliveries_per_s']:,.0f}"),
-            ("S1 p99 latency", "S1", lambda r: f"{r['p99_ms']:.1f} ms"),
-            ("S2 p99 latency", "S2", lambda r: f"{r['p99_ms']:.1f} ms"),
-            ("S3 publishes/s", "S3", lambda r: f"{r['publishes_per_s']:,.0f}"),
-            ("S3 deliveries/s", "S3", lambda r: f"{r['deliveries_per_s']:,.0f}"),
-            ("S4 p99 latency / rate held", "S4",
-             lambda r: f"{r['p99_ms']:.1f} ms / {r['publishes_per_s']:.2f} of 2"),
-            ("S5 p99 latency / rate held", "S5",
-             lambda r: f"{r['p99_ms']:.1f} ms / {r['publishes_per_s']:.2f} of 1"),
-            ("connect 10k subscribers", "S5", lambda r: f"{r['connect_s']:.2f} s"),
-            ("RSS per idle subscriber (10k)", "S5", lambda r: f"{r['rss_per_subscriber_kib']:.2f} KiB"),
-            ("lost events (all scenarios)", None, None)]
-    if any("store_commits" in r for target in results.values() for r in target.values()):
-        rows.insert(-1, ("S3 store: ms per commit / events per commit", "S3",
-                         lambda r: (f"{r['store_ms_per_commit']:.2f} ms / "
-                                    f"{r['store_events_per_commit']:.1f}"
-                                    if "store_commits" in r else "–")))
+    rows = [row for row in ROWS if row[1] in scenarios]
+    if any("store_ms_per_commit" in figures for summary in summaries.values()
+           for figures in summary.values()):
+        rows += [STORE_ROW, STORE_BATCH_ROW]
     lines = ["| measure | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for label, scenario, show in rows:
-        cells = []
-        for name in names:
-            if scenario is None:
-                cells.append(str(sum(r.get("lost", 0) for r in results[name].values())))
-            elif "error" in results[name].get(scenario, {}):
-                cells.append("failed")
-            elif scenario in results[name]:
-                cells.append(show(results[name][scenario]))
-            else:
-                cells.append("–")
-        if scenario is None or scenario in scenarios:
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    lines += ["", "| scenario | target | deliveries/s | publishes/s | p50 | p99 | max | lost | "
-              "server CPU s | load generator CPU s |", "|---" * 10 + "|"]
+    for row in rows:
+        lines.append(f"| {row[0]} | " + " | ".join(cell(summaries[name], row, runs)
+                                                  for name in names) + " |")
+    lines.append("| lost events (all scenarios, all runs) | " + " | ".join(
+        str(sum(figures.get("lost", (0,))[0] for figures in summaries[name].values()))
+        for name in names) + " |")
+    ours = [name for name in names if name.startswith("sse_server.py")]
+    # Ratios of medians: above 1 is more for deliveries/s and publishes/s
+    # (better), more time or memory for the rest (worse).
+    for base, against in ((NCHAN, ours), (ours[0], ours[1:])):
+        if base not in summaries or not against:
+            continue
+        lines += ["", f"Ratios of the medians, each ÷ {base}:", "",
+                  "| measure | " + " | ".join(against) + " |", "|---" * (len(against) + 1) + "|"]
+        for row in (row for row in rows if row in ROWS):
+            lines.append(f"| {row[0].split(' / ')[0]} | " + " | ".join(
+                ratio(summaries[name], summaries[base], row) for name in against) + " |")
+    lines += ["", "| scenario | target | run | deliveries/s | publishes/s | p50 | p99 | max | "
+              "lost | connect | server CPU s | load generator CPU s |", "|---" * 12 + "|"]
     for name in names:
-        for scenario, r in results[name].items():
-            if "error" in r:
-                lines.append(f"| {scenario} | {name} | failed: {r['error']} |" + " |" * 7)
-                continue
-            lines.append(f"| {scenario} | {name} | {r['deliveries_per_s']:,.0f} | "
-                         f"{r['publishes_per_s']:,.1f} | {r['p50_ms']:.1f} ms | "
-                         f"{r['p99_ms']:.1f} ms | {r['max_ms']:.1f} ms | {r['lost']} | "
-                         f"{r['server_cpu_s']} | {r['loadgen_cpu_s']} |")
+        for scenario, found in results[name].items():
+            for number, r in enumerate(found, 1):
+                if "error" in r:
+                    lines.append(f"| {scenario} | {name} | {number} | failed: {r['error']} |"
+                                 + " |" * 8)
+                    continue
+                lines.append(f"| {scenario} | {name} | {number} | {r['deliveries_per_s']:,.0f} | "
+                             f"{r['publishes_per_s']:,.1f} | {r['p50_ms']:.1f} ms | "
+                             f"{r['p99_ms']:.1f} ms | {r['max_ms']:.1f} ms | {r['lost']} | "
+                             f"{r['connect_s']:.2f} s | {r['server_cpu_s']} | "
+                             f"{r['loadgen_cpu_s']} |")
     return "\n".join(lines)
 
 
@@ -375,7 +455,7 @@ class StarletteTarget(Target):
         self.python = python
 
     def start(self, port):
-        return subprocess.Popen(
+        return popen(
             [self.python, "-m", "uvicorn", "starlette_app:app", "--host", "127.0.0.1",
              "--port", str(port), "--log-level", "warning", "--no-access-log"],
             cwd=PEERS, stdout=subprocess.DEVNULL)
@@ -388,8 +468,8 @@ class AiohttpTarget(Target):
         self.python = python
 
     def start(self, port):
-        return subprocess.Popen([self.python, "aiohttp_app.py", str(port)], cwd=PEERS,
-                                stdout=subprocess.DEVNULL)
+        return popen([self.python, "aiohttp_app.py", str(port)], cwd=PEERS,
+                     stdout=subprocess.DEVNULL)
 
 
 class NchanTarget(Target):
@@ -406,8 +486,7 @@ class NchanTarget(Target):
         path = os.path.join(self.folder, "nginx.conf")
         with open(path, "w") as file:
             file.write(config)
-        return subprocess.Popen(["nginx", "-p", self.folder, "-c", path],
-                                stdout=subprocess.DEVNULL)
+        return popen(["nginx", "-p", self.folder, "-c", path], stdout=subprocess.DEVNULL)
 
 
 def peer_targets() -> list[Target]:
@@ -425,7 +504,7 @@ class RedisPair:
         subprocess.run([sys.executable, "-c", "import redis"], check=True)
         self.folder = tempfile.mkdtemp(prefix="sse-redis-bench-")
         self.port = free_port()
-        self.redis = subprocess.Popen(
+        self.redis = popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              self.folder, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
         wait_for_port(self.port)
@@ -471,7 +550,21 @@ def main(argv=None) -> int:
                         help="also run ours with --store (history synced to an SQLite file)")
     parser.add_argument("--mercure", action="store_true",
                         help="also run ours through the Mercure hub (exact topics, templates)")
+    parser.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="run everything N times, one round after another, and report "
+                             "medians and ranges (default 1)")
+    parser.add_argument("--one-core", action="store_true",
+                        help="pin every server to one CPU and the load generator to another, "
+                             "as taskset would: what a one-core host gets")
     args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    if args.one_core:
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) < 2:
+            parser.error("--one-core needs two CPUs: one for the server, one for the load")
+        PINNED.update(server={cpus[0]}, loadgen={cpus[1]})
+        os.sched_setaffinity(0, PINNED["loadgen"])  # this script stays off the server's CPU
     scenarios = [s.strip().upper() for s in args.scenarios.split(",") if s.strip()]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))     # inherited by the servers
@@ -492,32 +585,35 @@ def main(argv=None) -> int:
         redis = RedisPair()
         targets.append(redis.first_instance())
 
-    results: dict[str, dict[str, dict]] = {}
+    results: dict[str, dict[str, list[dict]]] = {target.name: {} for target in targets}
     with tempfile.TemporaryDirectory(prefix="sse-bench-") as folder:
         loadgen = compile_loadgen(folder)
-        for target in targets:      # one at a time, each a fresh process per scenario
-            results[target.name] = {}
-            for scenario in scenarios:
-                if scenario not in getattr(target, "scenarios", scenarios):
-                    continue
-                print(f"... {target.name} {scenario}", file=sys.stderr, flush=True)
-                ports = redis if (redis and target is redis.target) else None
-                try:
-                    result = run_scenario(loadgen, target, scenario, ports)
-                except RuntimeError as error:   # reported in the table; the run goes on
-                    result = {"error": str(error)}
-                results[target.name][scenario] = result
-                print("    " + json.dumps(result), file=sys.stderr)
+        for run in range(1, args.runs + 1):     # rounds: each target once in every one
+            for target in targets:  # one at a time, each a fresh process per scenario
+                for scenario in scenarios:
+                    if scenario not in getattr(target, "scenarios", scenarios):
+                        continue
+                    print(f"... run {run} of {args.runs}: {target.name} {scenario}",
+                          file=sys.stderr, flush=True)
+                    ports = redis if (redis and target is redis.target) else None
+                    try:
+                        result = run_scenario(loadgen, target, scenario, ports)
+                    except RuntimeError as error:   # reported in the table; the run goes on
+                        result = {"error": str(error)}
+                    results[target.name].setdefault(scenario, []).append(result)
+                    print("    " + json.dumps(result), file=sys.stderr)
     if redis:
         redis.close()
 
-    table = markdown(results, scenarios)
+    table = markdown(results, scenarios, args.runs)
     if args.store:
         with tempfile.TemporaryDirectory(prefix="sse-bench-sync-") as folder:
             table += (f"\n\nOne 4 KiB write + fsync on this disk (median of 200): "
                       f"{sync_cost_ms(folder)} ms")
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M%S")
-    report = (f"# Benchmark {stamp}\n\nMachine: {machine()}\n\nCommand: "
+    pinned = (f"; one core: every server on CPU {min(PINNED['server'])}, the load "
+              f"generator on CPU {min(PINNED['loadgen'])}" if PINNED else "")
+    report = (f"# Benchmark {stamp}\n\nMachine: {machine()}{pinned}\n\nCommand: "
               f"`python3 bench/bench.py {' '.join(argv if argv is not None else sys.argv[1:])}`"
               f"\n\nScenarios (one topic):\n" +
               "".join(f"- {s}: {SCENARIO_TEXT[s]}\n" for s in scenarios) + "\n" + table + "\n")
