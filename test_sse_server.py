@@ -50,7 +50,8 @@ PORTABLE = os.environ.get("SSE_PORTABLE") == "1"
 
 def install_portable_shim() -> None:
     """Hide what Windows lacks, before sse_server is imported: os.readv and
-    os.writev; os.read and os.write on a socket descriptor (EBADF, as a
+    os.writev; os.sched_setaffinity and os.sched_getaffinity (macOS lacks
+    them too); os.read and os.write on a socket descriptor (EBADF, as a
     socket there is no C file descriptor); epoll, devpoll and kqueue (so the
     hang-up selector is the next best); MSG_DONTWAIT and MSG_NOSIGNAL; the
     resource, ctypes and fcntl modules (so the store has no file lock, as
@@ -65,7 +66,7 @@ def install_portable_shim() -> None:
     import selectors
     import select
     import stat
-    for name in ("readv", "writev"):
+    for name in ("readv", "writev", "sched_setaffinity", "sched_getaffinity"):
         if hasattr(os, name):
             delattr(os, name)
 
@@ -5106,6 +5107,28 @@ class CommandLineTests(unittest.TestCase):
         server.process.wait(WAIT_S)
         self.assertEqual(server.process.returncode, 128 + signal.SIGTERM)
         self.assertIn("stopped at once", server.process.stderr.read())
+
+    def test_cpu_pins_every_thread_or_says_why_it_cannot(self):
+        if not hasattr(os, "sched_setaffinity"):    # portable mode: as on Windows or macOS
+            with self.assertRaisesRegex(ValueError, "cannot pin a process"):
+                sse_server._pin_to_cpu(0)
+            return
+        cpu = max(os.sched_getaffinity(0))
+        server = ServerProcess(self, "--cpu", str(cpu))
+        client = StreamClient(server.port, "topic=pinned")    # a stream's thread too
+        self.addCleanup(client.close)
+        while "connected" not in client.parser.comments:
+            client.pump()
+        allowed = {}
+        for task in os.listdir(f"/proc/{server.process.pid}/task"):
+            with open(f"/proc/{server.process.pid}/task/{task}/status") as file:
+                allowed[task] = next(line.split()[1] for line in file
+                                     if line.startswith("Cpus_allowed_list:"))
+        self.assertGreaterEqual(len(allowed), 3)    # main, accept, the stream (and helpers)
+        self.assertEqual(set(allowed.values()), {str(cpu)})
+        refused = run_command_line("--cpu", "100000")
+        self.assertEqual(refused.returncode, 2)
+        self.assertIn("--cpu 100000: this process may run only on CPU", refused.stderr)
 
     def test_runs_prints_url_and_stops_on_sigterm(self):
         server = ServerProcess(self)        # fails unless it prints its URL
