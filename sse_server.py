@@ -394,7 +394,8 @@ class Settings:
 # here, by what the running Python has (never by sys.platform); the rest of
 # the file only uses these names. The optional OS tuning of main() (futex
 # hash, open-files limit, thread stacks) is tried the same way, and silently
-# skipped where the facility is missing.
+# skipped where the facility is missing; --cpu, being asked for, is refused
+# with a clear error instead (_pin_to_cpu).
 
 try:
     import ssl
@@ -3183,7 +3184,7 @@ class SQLiteHistory(History):
     @contextlib.contextmanager
     def _reading(self, what: str):
         """The file, to read with the lock held: ServiceUnavailable (503) once
-        closed, or if SQLite fails (logged, with `what` was being read)."""
+        closed, or if SQLite fails (logged, naming `what` was being read)."""
         with self._lock:
             if self._closed:
                 raise ServiceUnavailable("server is shutting down")
@@ -4110,8 +4111,8 @@ class SSERequestHandler(http.server.BaseHTTPRequestHandler):
     def _check_mercure_request(self, query_text: str) -> tuple:
         """(exact topics, Last-Event-ID, template selectors, the selectors
         that allow private updates or None, (selectors, payload) for
-        --subscriptions or None) of a hub subscribe, or
-        an HTTPError. Sets the stream's deadline if the token has exp."""
+        --subscriptions or None) of a hub subscribe, or an HTTPError. Sets
+        the stream's deadline if the token has exp."""
         query = parse_query(query_text)
         selectors = validate_iris(query.get("topic", []), "topic")
         for selector in selectors:

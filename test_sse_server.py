@@ -3752,8 +3752,8 @@ server._hangups.watch = lambda sock: False      # the writes, not the watcher, m
 threading.Thread(target=server.serve_forever, daemon=True).start()
 # Twenty times: a subscriber resets, events are published until it is gone.
 # (A write that meets the reset fails with ECONNRESET, and only a write after
-# it raises SIGPIPE; whether the server makes one is a race, which twenty
-# rounds make the control lose at least once.)
+# it raises SIGPIPE; whether the server makes one is a race, and over twenty
+# rounds the control is all but sure to meet one.)
 for _ in range(20):
     client = socket.create_connection(server.server_address, timeout=10)
     client.sendall(b"GET /events?topic=t HTTP/1.1\r\nHost: x\r\n\r\n")
